@@ -1,0 +1,39 @@
+"""Clear errors for bad input: name the thing, list close alternatives, say the fix."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class CdistillError(ValueError):
+    """A user-facing error about bad input or configuration."""
+
+
+def close_names(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
+    """Return up to ``n`` candidates that look like ``name`` (best first).
+
+    Falls back to substring matches, which catch e.g. ``conv1`` -> ``layer1.0.conv1``.
+    """
+    pool = list(dict.fromkeys(candidates))
+    close = difflib.get_close_matches(name, pool, n=n, cutoff=0.5)
+    if len(close) < n:
+        close += [c for c in pool if name and name in c and c not in close][: n - len(close)]
+    return close
+
+
+def unknown_name(kind: str, name: str, candidates: Iterable[str], fix: str) -> CdistillError:
+    """Build the error for an unknown ``kind`` called ``name``.
+
+    Args:
+        kind: What was looked up, e.g. ``"layer"`` or ``"student model"``.
+        name: The name the user gave.
+        candidates: All valid names.
+        fix: One sentence telling the user what to change (e.g. the config key).
+    """
+    pool = list(candidates)
+    close = close_names(name, pool)
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    if not close and len(pool) <= 30:
+        hint = f" Valid names: {', '.join(pool)}."
+    return CdistillError(f"Unknown {kind} {name!r}.{hint} {fix}")

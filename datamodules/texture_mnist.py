@@ -1,0 +1,40 @@
+"""TextureMNIST: the texture filling the digit is the spurious cue (DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from datamodules.biased_mnist import BIASED_SPLITS, BiasedMNISTDataModule, Rendered, alpha_fill
+from datamodules.textures import NUM_TEXTURES, make_textures
+
+
+class TextureMNISTDataModule(BiasedMNISTDataModule):
+    """Digit foreground (grey level as alpha) filled with one of ten textures; 3 channels.
+
+    * ``train``, ``val``: texture ``y`` (100% correlation).
+    * ``val_reversed``, ``test``: a uniformly random texture per image (DESIGN.md: test
+      digits get random textures). ``val_reversed`` follows the test distribution so that
+      the paper's reversed-bias model selection is possible; about 10% of its images are
+      bias-aligned by chance.
+
+    ``bias`` and ``cue`` are the texture id. Textures are procedural; see
+    :mod:`datamodules.textures` for the source.
+    """
+
+    name: str = "texture_mnist"
+    num_channels: ClassVar[int] = 3
+
+    def render(
+        self, split: str, digits: Tensor, labels: Tensor, generator: torch.Generator
+    ) -> Rendered:
+        """See :meth:`BiasedMNISTDataModule.render`; returns ``uint8 [N, 3, 28, 28]``."""
+        if split in BIASED_SPLITS:
+            texture = labels.clone()
+        elif split in ("val_reversed", "test"):
+            texture = torch.randint(0, NUM_TEXTURES, (labels.numel(),), generator=generator)
+        else:
+            raise ValueError(f"unknown split {split!r}")
+        return Rendered(alpha_fill(digits, make_textures(), texture), texture, texture)

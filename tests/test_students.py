@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cdistill.errors import CdistillError
+from cdistill.students import MnistCNN, check_input_channels, create_student, first_conv
+
+
+def test_mnist_cnn_shapes_match_the_paper() -> None:
+    model = create_student("mnist_cnn")
+    assert isinstance(model, MnistCNN)
+    assert (model.conv1.in_channels, model.conv1.out_channels, model.conv1.kernel_size) == (3, 20, (5, 5))
+    assert (model.conv2.in_channels, model.conv2.out_channels) == (20, 50)
+    assert (model.fc1.in_features, model.fc1.out_features, model.fc2.out_features) == (800, 500, 10)
+    assert model(torch.zeros(2, 3, 28, 28)).shape == (2, 10)
+    gray = create_student("mnist_cnn_gray")
+    assert gray.conv1.in_channels == 1
+    assert gray(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_timm_and_torchvision_by_name() -> None:
+    m = create_student("timm:resnet18", num_classes=7, in_chans=1)
+    assert m(torch.zeros(2, 1, 32, 32)).shape == (2, 7)
+    bare = create_student("resnet18", num_classes=3)
+    assert bare(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    tv = create_student("torchvision:resnet18", num_classes=5, in_chans=1)
+    conv = first_conv(tv)
+    assert conv is not None and conv.in_channels == 1
+    assert tv(torch.zeros(2, 1, 32, 32)).shape == (2, 5)
+
+
+def test_unknown_name_lists_close_names() -> None:
+    with pytest.raises(CdistillError, match="mnist_cnn"):
+        create_student("mnist_cn")
+    with pytest.raises(CdistillError, match="resnet18"):
+        create_student("torchvision:resnet1")
+
+
+def test_registered_model_refuses_pretrained() -> None:
+    with pytest.raises(CdistillError, match="checkpoint_path"):
+        create_student("mnist_cnn", pretrained=True)
+
+
+def test_checkpoint_path_loads_and_mismatch_is_clear(tmp_path: Path) -> None:
+    src = create_student("mnist_cnn")
+    path = tmp_path / "w.pt"
+    torch.save(src.state_dict(), path)
+    dst = create_student("mnist_cnn", checkpoint_path=str(path))
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, dst.state_dict()[k])
+    # A Lightning-style checkpoint with a "student." prefix also loads.
+    torch.save({"state_dict": {f"student.{k}": v for k, v in src.state_dict().items()}}, path)
+    dst2 = create_student("mnist_cnn", checkpoint_path=str(path))
+    assert torch.equal(dst2.fc2.weight, src.fc2.weight)
+    with pytest.raises(CdistillError, match="does not match"):
+        create_student("mnist_cnn", num_classes=4, checkpoint_path=str(path))
+    with pytest.raises(CdistillError, match="does not exist"):
+        create_student("mnist_cnn", checkpoint_path=str(tmp_path / "missing.pt"))
+
+
+def test_channel_check() -> None:
+    check_input_channels(create_student("mnist_cnn"), 3)
+    with pytest.raises(CdistillError, match="in_chans=1"):
+        check_input_channels(create_student("mnist_cnn"), 1)

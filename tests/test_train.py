@@ -1,0 +1,156 @@
+"""Training runs end to end: experiments, bad input, resume, checkpoints, CLI, sweeps."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from omegaconf import DictConfig, open_dict
+
+from cdistill.errors import CdistillError
+from cdistill.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+MakeCfg = Callable[..., DictConfig]
+EXPERIMENTS = sorted(
+    str(p.relative_to(ROOT / "conf" / "experiment").with_suffix(""))
+    for p in (ROOT / "conf" / "experiment").rglob("*.yaml")
+)
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_fast_dev_run(make_cfg: MakeCfg, experiment: str) -> None:
+    cfg = make_cfg(f"experiment={experiment}", "debug=fdr", "data.max_train_samples=256")
+    metrics = train(cfg)
+    assert "test/acc" in metrics and 0.0 <= metrics["test/acc"] <= 1.0
+    assert "val_reversed/acc" in metrics
+
+
+def test_wrong_channels_is_a_clear_error(make_cfg: MakeCfg) -> None:
+    cfg = make_cfg("data=decoy_mnist", "model=mnist_cnn", "debug=fdr")
+    with pytest.raises(CdistillError, match="in_chans=1"):
+        train(cfg)
+
+
+def test_unknown_model_is_a_clear_error(make_cfg: MakeCfg) -> None:
+    cfg = make_cfg("model.student.name=mnist_cnnn", "debug=fdr")
+    with pytest.raises(CdistillError, match="mnist_cnn"):
+        train(cfg)
+
+
+def test_missing_resume_checkpoint_is_a_clear_error(make_cfg: MakeCfg, tmp_path: Path) -> None:
+    cfg = make_cfg("debug=fdr", f"ckpt_path={tmp_path / 'nope.ckpt'}")
+    with pytest.raises(CdistillError, match="ckpt_path"):
+        train(cfg)
+
+
+def _limited(make_cfg: MakeCfg, out: Path, *extra: str) -> DictConfig:
+    cfg = make_cfg(
+        "experiment=color_mnist/baseline", "logger=csv",
+        "data.max_train_samples=320", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1",
+        "trainer.max_epochs=2", *extra,
+    )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    return cfg
+
+
+def test_resume_matches_uninterrupted_run(make_cfg: MakeCfg, tmp_path: Path) -> None:
+    full = train(_limited(make_cfg, tmp_path / "full"))
+    train(_limited(make_cfg, tmp_path / "part", "trainer.max_epochs=1", "test=false"))
+    last = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    resumed = train(_limited(make_cfg, tmp_path / "part2", f"ckpt_path={last}"))
+    for key in ("val/acc", "val_reversed/loss", "test/acc", "test/loss"):
+        assert resumed[key] == pytest.approx(full[key], abs=1e-6), key
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "part2" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 1
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+
+
+def test_checkpoint_carries_config_and_loads_weights_only(make_cfg: MakeCfg, tmp_path: Path) -> None:
+    train(_limited(make_cfg, tmp_path / "r", "trainer.max_epochs=1", "test=false"))
+    ckpt = torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=True)
+    cfg = yaml.safe_load(ckpt["cdistill"]["config"])
+    assert cfg["model"]["student"]["name"] == "mnist_cnn"
+    assert ckpt["hyper_parameters"]["student"]["name"] == "mnist_cnn"
+    assert "optimizer_states" in ckpt and "loops" in ckpt
+    from cdistill.module import ClassifierModule
+
+    model = ClassifierModule.load_from_checkpoint(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert torch.equal(model.student.fc2.weight, ckpt["state_dict"]["student.fc2.weight"])
+
+
+def test_cli_run_and_multirun(tmp_path: Path) -> None:
+    res = run_cli(["experiment=decoy_mnist/baseline", "debug=fdr", f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    res = run_cli(
+        ["-m", "experiment=color_mnist/baseline", "debug=fdr", "seed=1,2",
+         f"hydra.sweep.dir={tmp_path}/multi"], tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "multi" / "0" / "metrics.json").is_file()
+    assert (tmp_path / "multi" / "1" / "metrics.json").is_file()
+
+
+def render_sweep_command(sweep: dict, program_args: list[str]) -> list[str]:
+    """Render a wandb sweep `command` as the agent would for the first value of each parameter."""
+    args_no_hyphens = []
+    for key, spec in sweep["parameters"].items():
+        value = spec["values"][0] if "values" in spec else spec.get("value", spec.get("min"))
+        args_no_hyphens.append(f"{key}={value}")
+    out: list[str] = []
+    for token in sweep["command"]:
+        if token == "${env}":
+            continue
+        if token in ("${interpreter}", "python"):
+            out.append(sys.executable)
+        elif token == "${program}":
+            out.append(str(ROOT / sweep["program"]))
+        elif token == "${args_no_hyphens}":
+            out.extend(args_no_hyphens + program_args)
+        else:
+            out.append(token)
+    return out
+
+
+@pytest.mark.parametrize("sweep_file", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_sweep_command_runs(sweep_file: Path, tmp_path: Path) -> None:
+    sweep = yaml.safe_load(sweep_file.read_text())
+    assert "${args_no_hyphens}" in sweep["command"]
+    cmd = render_sweep_command(sweep, ["debug=fdr", "data.max_train_samples=256", f"hydra.run.dir={tmp_path}/run"])
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.core
+def test_ddp_sim_runs_without_extra_output_dirs(tmp_path: Path) -> None:
+    res = run_cli(
+        ["experiment=color_mnist/baseline", "trainer=ddp_sim", "debug=limit", "data.max_train_samples=256",
+         f"hydra.run.dir={tmp_path}/logs/run", f"paths.log_dir={tmp_path}/logs"], tmp_path, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["run"]
+    assert (tmp_path / "logs" / "run" / "metrics.json").is_file()
+    hydra_dirs = [p for p in (tmp_path / "logs" / "run").rglob(".hydra")]
+    assert len(hydra_dirs) == 1
+    assert not list((tmp_path / "logs" / "run").glob("*/.hydra"))
