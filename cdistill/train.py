@@ -6,8 +6,10 @@ test; write ``metrics.json`` in the run directory.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +60,36 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
     return str(path)
 
 
-def _test_ckpt(trainer: pl.Trainer, which: str) -> str | None:
-    """The checkpoint the test stage uses, or None for the weights in memory."""
-    ckpt = trainer.checkpoint_callback
-    if which not in {"best", "last"}:
-        raise CdistillError(f"test_ckpt={which!r}: use 'best' or 'last'.")
-    if isinstance(ckpt, ModelCheckpoint):
-        path = ckpt.best_model_path if which == "best" else ckpt.last_model_path
-        if path:
-            return path
-    return None
+def protocol_checkpoints(
+    protocols: Mapping[str, str | None], output_dir: str, callbacks: list[Any]
+) -> dict[str, ModelCheckpoint]:
+    """The checkpoint callback of each model-selection protocol that monitors a metric.
+
+    A configured ``ModelCheckpoint`` that already keeps the best epoch by that metric is
+    reused; otherwise one is added to ``callbacks`` (writing ``checkpoints/<protocol>/``).
+
+    Args:
+        protocols: Protocol name -> monitored metric (maximised), or None for the last epoch.
+        output_dir: Run directory.
+        callbacks: The configured callbacks; new ones are appended.
+    """
+    selectors: dict[str, ModelCheckpoint] = {}
+    for name, metric in protocols.items():
+        if not metric:
+            continue
+        existing = [
+            cb for cb in callbacks
+            if isinstance(cb, ModelCheckpoint) and cb.monitor == metric and cb.mode == "max" and cb.save_top_k != 0
+        ]
+        if existing:
+            selectors[name] = existing[0]
+            continue
+        selectors[name] = ModelCheckpoint(
+            dirpath=str(Path(output_dir) / "checkpoints" / name), filename="best",
+            monitor=metric, mode="max", save_top_k=1, save_last=False, auto_insert_metric_name=False,
+        )
+        callbacks.append(selectors[name])
+    return selectors
 
 
 def _as_floats(metrics: dict[str, Any]) -> dict[str, float]:
@@ -75,10 +97,11 @@ def _as_floats(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 @rank_zero_only
-def _report(metrics: dict[str, float], output_dir: str) -> None:
+def _report(metrics: dict[str, float], output_dir: str, protocols: Mapping[str, str | None]) -> None:
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     (Path(output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    splits = sorted({k.split("/")[0] for k in metrics if "/" in k and not k.startswith("train")})
+    prefixes = set(protocols) | {"train"}
+    splits = sorted({k.split("/")[0] for k in metrics if "/" in k and k.split("/")[0] not in prefixes})
     lines = ["", f"{'split':<22}{'acc':>8}{'aligned':>10}{'conflict':>10}"]
     for split in splits:
         row = [metrics.get(f"{split}/{m}") for m in ("acc", "acc_aligned", "acc_conflicting")]
@@ -86,7 +109,39 @@ def _report(metrics: dict[str, float], output_dir: str) -> None:
         lines.append(f"{split:<22}{cells}")
     if "train/acc" in metrics:
         lines.append(f"{'train (last epoch)':<22}{100 * metrics['train/acc']:>8.2f}")
+    by_protocol = [f"{p} {100 * metrics[f'{p}/test/acc']:.2f}" for p in protocols if f"{p}/test/acc" in metrics]
+    if by_protocol:
+        lines.append("test acc by model-selection protocol: " + ", ".join(by_protocol))
     log.info("\n".join(lines) + f"\nmetrics written to {output_dir}/metrics.json")
+
+
+def _test(
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    protocols: Mapping[str, str | None],
+    selectors: Mapping[str, ModelCheckpoint],
+) -> dict[str, float]:
+    """Test once per protocol: ``<protocol>/<split>/<metric>``; unprefixed keys = the first.
+
+    A protocol without a checkpoint (metric None, fast_dev_run, no training) tests the weights
+    in memory, i.e. the last epoch's.
+    """
+    out: dict[str, float] = {}
+    # Testing a checkpoint loads its weights into the model: keep the last epoch's to restore.
+    last_state = copy.deepcopy(model.state_dict())
+    for i, name in enumerate(protocols or {"last": None}):
+        selector = selectors.get(name)
+        ckpt = selector.best_model_path if selector is not None and selector.best_model_path else None
+        if ckpt is None:
+            model.load_state_dict(last_state)
+        log.info(f"test ({name} protocol): {ckpt or 'weights in memory (last epoch)'}")
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True, verbose=False)
+        tested = {k: v for k, v in _as_floats(trainer.callback_metrics).items() if k.startswith("test")}
+        out.update({f"{name}/{k}": v for k, v in tested.items()})
+        if i == 0:
+            out.update(tested)
+    return out
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -99,6 +154,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model.run_config = OmegaConf.to_yaml(cfg, resolve=True)
 
     callbacks = instantiate_group(cfg.get("callbacks"))
+    protocols: dict[str, str | None] = dict(cfg.get("protocols") or {})
+    selectors = protocol_checkpoints(protocols, cfg.paths.output_dir, callbacks) if cfg.get("train", True) else {}
     loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
@@ -111,12 +168,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics.update(_as_floats(trainer.callback_metrics))
     if cfg.get("test", True):
-        ckpt = _test_ckpt(trainer, cfg.get("test_ckpt", "best")) if cfg.get("train", True) else None
-        if ckpt:
-            log.info(f"testing {cfg.get('test_ckpt', 'best')} checkpoint {ckpt}")
-        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True, verbose=False)
-        metrics.update(_as_floats(trainer.callback_metrics))
-    _report(metrics, output_dir)
+        metrics.update(_test(trainer, model, datamodule, protocols, selectors))
+    _report(metrics, output_dir, protocols)
     return metrics
 
 

@@ -1,0 +1,658 @@
+"""Concept activation vectors (CAVs): linear probes between concept and negative activations.
+
+A CAV is the unit normal of a linear decision boundary that separates layer activations
+of a concept set C (positive) from a negative set C' (random images or a contrasting
+concept), pointing towards C.
+
+Solvers run in torch on whatever device the activations are on:
+
+- ``"logistic"``: L2-regularised logistic regression, ``0.5||w||² + C Σ log(1 + e^{-t m})``
+  (the objective of scikit-learn's ``LogisticRegression``; unpenalised bias).
+- ``"svm"``: linear SVM with the squared hinge, ``0.5||w||² + C Σ max(0, 1 - t m)²``.
+- ``"ridge"``: least squares on ±1 targets, ``||Xw + b - t||² + alpha ||w||²``.
+- ``"mean_diff"``: ``mean(pos) - mean(neg)``, boundary through the midpoint.
+
+Preprocessing: features are centred on the training mean and, by default (``scaling=
+"global"``), divided by one scalar (the RMS of the centred entries). One scalar keeps the
+geometry (and so the direction of the L2-regularised solution) of the original space, and
+makes ``C``/``alpha`` mean the same thing at layers with different activation scales.
+``scaling="feature"`` standardises every feature instead; ``"none"`` only centres. The
+returned ``vector`` is always the unit normal in the ORIGINAL activation space.
+
+When ``d > n`` the fit runs in an exact ``r``-dimensional reduction (``r <= n``): from the
+``n x n`` Gram matrix ``Xc Xcᵀ = U S Uᵀ`` the features become ``Z = U S^½``, which has the
+same inner products (so the same losses and the same L2 norm of the weights), and the
+weights map back as ``w = Xcᵀ U S^-½ β``. Logistic and SVM then take truncated Newton
+steps in ``r`` dimensions (conjugate gradients preconditioned by the Hessian diagonal,
+which is nearly exact there because ``Zᵀ Z = S`` is diagonal). Cost: ``O(n² d)`` for the
+Gram matrix, ``O(n³)`` for its eigendecomposition, ``O(n r)`` per CG step. The results
+match scikit-learn's ``LogisticRegression``/``LinearSVC`` optima (tested).
+
+Under heavy CPU oversubscription (more busy threads than cores) the small LAPACK calls
+slow down a lot; ``torch.set_num_threads`` to the free cores helps.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cdistill.errors import CdistillError, unknown_name
+
+MIN_ACCURACY = 0.7  # held-out accuracy gate used in the Concept Distillation paper
+SCALINGS = ("global", "feature", "none")
+
+
+# ----------------------------------------------------------------------------- solvers
+# Each solver takes preprocessed features Z [n, r] (centred) and targets t [n] in {-1, +1}
+# (float64) and returns weights beta [r] and bias b (a 0-dim tensor).
+
+
+def _pcg(hvp: Callable[[Tensor], Tensor], b: Tensor, inv_diag: Tensor, rtol: float, max_iter: int) -> Tensor:
+    """Solve ``H x = b`` (H symmetric positive definite, given as ``hvp``) by Jacobi-
+    preconditioned conjugate gradients to relative residual ``rtol``."""
+    x = torch.zeros_like(b)
+    if float(torch.linalg.vector_norm(b)) == 0:
+        return x  # already at the optimum
+    r = b.clone()
+    z = inv_diag * r
+    p = z.clone()
+    rz = r @ z
+    stop = rtol * float(torch.linalg.vector_norm(b))
+    for _ in range(max_iter):
+        hp = hvp(p)
+        alpha = rz / (p @ hp)
+        x += alpha * p
+        r -= alpha * hp
+        if float(torch.linalg.vector_norm(r)) <= stop:
+            break
+        z = inv_diag * r
+        rz_new = r @ z
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    return x
+
+
+def _margin_newton(
+    z: Tensor,
+    t: Tensor,
+    C: float,
+    loss: Callable[[Tensor], Tensor],
+    dloss: Callable[[Tensor], Tensor],
+    d2loss: Callable[[Tensor], Tensor],
+    max_iter: int,
+    tol: float,
+) -> tuple[Tensor, Tensor]:
+    """Minimise ``0.5||β||² + C Σ_i loss(t_i (z_i·β + b))`` by truncated Newton.
+
+    Newton steps are solved by conjugate gradients with the exact Hessian diagonal as
+    preconditioner: ``O(n r)`` per iteration instead of ``O(r³)`` for a dense solve. In the
+    Gram-reduced coordinates ``zᵀz`` is diagonal, so the preconditioner is very good. The
+    forcing term ``min(0.5, sqrt(|g| / |g0|))`` makes convergence superlinear; an Armijo
+    backtracking line search keeps every step a descent step.
+
+    Args:
+        z: Centred features ``[n, r]`` (float64). t: Targets ``[n]`` in {-1, +1}.
+        C: Inverse regularisation strength.
+        loss, dloss, d2loss: Per-sample loss of the margin and its first and (generalised)
+            second derivative.
+        max_iter: Maximum Newton steps. tol: Stop when the predicted decrease (half the
+            Newton decrement²) is below ``tol * max(1, objective)``.
+
+    Returns:
+        ``(β [r], b)``.
+    """
+    n, r = z.shape
+    za = torch.cat([z, torch.ones(n, 1, dtype=z.dtype, device=z.device)], dim=1)
+    za_sq = za.pow(2)
+    reg = torch.ones(r + 1, dtype=z.dtype, device=z.device)
+    reg[-1] = 0.0  # the bias is unpenalised
+    damping = torch.zeros_like(reg)
+    damping[-1] = 1e-10 * n * max(C, 1.0)  # keeps H invertible when all margins saturate
+
+    def objective(theta: Tensor) -> Tensor:
+        return 0.5 * (reg * theta.pow(2)).sum() + C * loss(t * (za @ theta)).sum()
+
+    theta = torch.zeros(r + 1, dtype=z.dtype, device=z.device)
+    g0 = None
+    for _ in range(max_iter):
+        margins = t * (za @ theta)
+        value = 0.5 * (reg * theta.pow(2)).sum() + C * loss(margins).sum()
+        grad = reg * theta + C * (za.T @ (t * dloss(margins)))
+        curv = C * d2loss(margins)
+        gnorm = float(torch.linalg.vector_norm(grad))
+        g0 = g0 or max(gnorm, 1e-300)
+        diag = reg + damping + za_sq.T @ curv
+
+        def hvp(v: Tensor, curv: Tensor = curv) -> Tensor:
+            return (reg + damping) * v + za.T @ (curv * (za @ v))
+
+        step = _pcg(hvp, grad, 1 / diag, min(0.5, (gnorm / g0) ** 0.5), max_iter=10 * (r + 1))
+        decrement = float(grad @ step)
+        if decrement / 2 <= tol * max(1.0, abs(float(value))):
+            break
+        lr = 1.0
+        for _ in range(40):
+            candidate = theta - lr * step
+            if float(objective(candidate)) <= float(value) - 1e-4 * lr * decrement:
+                break
+            lr *= 0.5
+        theta = candidate
+    return theta[:-1], theta[-1]
+
+
+def solve_logistic(
+    z: Tensor, t: Tensor, *, C: float = 1.0, max_iter: int = 100, tol: float = 1e-10
+) -> tuple[Tensor, Tensor]:
+    """L2-regularised logistic regression, ``0.5||w||² + C Σ log(1 + exp(-t (z·w + b)))``.
+
+    Args:
+        z: Centred features ``[n, r]``. t: Targets ``[n]`` in {-1, +1}.
+        C: Inverse regularisation strength (as in scikit-learn).
+        max_iter: Maximum Newton steps. tol: Relative stopping tolerance.
+    """
+
+    def sig(m: Tensor) -> Tensor:
+        return torch.sigmoid(-m)
+
+    return _margin_newton(
+        z, t, C,
+        loss=lambda m: torch.nn.functional.softplus(-m),
+        dloss=lambda m: -sig(m),
+        d2loss=lambda m: sig(m) * (1 - sig(m)),
+        max_iter=max_iter, tol=tol,
+    )
+
+
+def solve_svm(
+    z: Tensor, t: Tensor, *, C: float = 1.0, max_iter: int = 100, tol: float = 1e-10
+) -> tuple[Tensor, Tensor]:
+    """Linear SVM with the squared hinge, ``0.5||w||² + C Σ max(0, 1 - t (z·w + b))²``.
+
+    Generalised Newton steps (the loss is piecewise quadratic: few steps suffice).
+
+    Args:
+        z: Centred features ``[n, r]``. t: Targets ``[n]`` in {-1, +1}.
+        C: Inverse regularisation strength (as in scikit-learn's ``LinearSVC``).
+        max_iter: Maximum Newton steps. tol: Relative stopping tolerance.
+    """
+    return _margin_newton(
+        z, t, C,
+        loss=lambda m: torch.clamp(1 - m, min=0).pow(2),
+        dloss=lambda m: -2 * torch.clamp(1 - m, min=0),
+        d2loss=lambda m: 2 * (m < 1).to(m.dtype),
+        max_iter=max_iter, tol=tol,
+    )
+
+
+def solve_ridge(z: Tensor, t: Tensor, *, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Ridge regression on ±1 targets in closed form (``z`` must be centred).
+
+    Args:
+        z: Centred features ``[n, r]``. t: Targets ``[n]`` in {-1, +1}.
+        alpha: L2 regularisation strength.
+    """
+    bias = t.mean()
+    gram = z.T @ z
+    gram.diagonal().add_(alpha)
+    beta = torch.linalg.solve(gram, z.T @ (t - bias))
+    return beta, bias
+
+
+SOLVERS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
+    "logistic": solve_logistic,
+    "svm": solve_svm,
+    "ridge": solve_ridge,
+}
+SOLVER_NAMES = (*SOLVERS, "mean_diff")
+
+
+def fit_linear(
+    pos: Tensor, neg: Tensor, solver: str = "logistic", *, scaling: str = "global", **solver_kw: Any
+) -> tuple[Tensor, Tensor]:
+    """Fit one linear separator and return its unit normal and bias in the original space.
+
+    Args:
+        pos: Concept activations ``[n1, d]``.
+        neg: Negative activations ``[n0, d]``.
+        solver: One of :data:`SOLVER_NAMES`.
+        scaling: ``"global"``, ``"feature"`` or ``"none"`` (see the module docstring).
+        **solver_kw: Passed to the solver (``C``, ``alpha``, ``max_iter``, ``tol``).
+
+    Returns:
+        ``(v [d], bias)`` with ``||v|| = 1`` and ``v·x + bias > 0`` predicting the concept;
+        ``bias`` is a 0-dim tensor (a signed distance in activation units). Float32 or
+        float64, on the inputs' device.
+    """
+    dtype = _work_dtype(pos)
+    x = torch.cat([pos.to(dtype), neg.to(dtype)])
+    return _fit_stacked(x, len(pos), solver, scaling, **solver_kw)
+
+
+def _work_dtype(x: Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _fit_stacked(
+    x: Tensor, n_pos: int, solver: str, scaling: str, **solver_kw: Any
+) -> tuple[Tensor, Tensor]:
+    """:func:`fit_linear` on ``x [n, d]`` whose first ``n_pos`` rows are the concept.
+
+    ``x`` is a private copy (float32/64) and is overwritten.
+    """
+    if solver not in SOLVER_NAMES:
+        raise unknown_name("CAV solver", solver, SOLVER_NAMES, "Set the CAV solver to one of these.")
+    if scaling not in SCALINGS:
+        raise unknown_name("CAV scaling", scaling, SCALINGS, "Set scaling to one of these.")
+    dtype = x.dtype
+    if solver == "mean_diff":
+        if solver_kw:
+            raise TypeError(f"mean_diff takes no solver options, got {sorted(solver_kw)}")
+        mean_pos, mean_neg = x[:n_pos].mean(0), x[n_pos:].mean(0)
+        w = mean_pos - mean_neg
+        norm = torch.linalg.vector_norm(w)
+        # Differences at rounding level are no direction at all.
+        scale = torch.linalg.vector_norm(mean_pos) + torch.linalg.vector_norm(mean_neg)
+        if float(norm) <= 100 * torch.finfo(dtype).eps * float(scale):
+            raise CdistillError("The concept and negative sets have the same mean: no CAV.")
+        v = w / norm
+        return v, -(v @ (mean_pos + mean_neg)) / 2
+
+    n, d = x.shape
+    t = -torch.ones(n, dtype=torch.float64, device=x.device)
+    t[:n_pos] = 1.0
+    mean = x.mean(0)
+    xc = x.sub_(mean)
+    feature_scale: Tensor | None = None
+    if scaling == "feature":
+        # Constant features get scale 1: their centred values are 0 anyway.
+        std = torch.linalg.vector_norm(xc, dim=0) / math.sqrt(n)
+        feature_scale = torch.where(std > 0, std, torch.ones_like(std))
+        xc.div_(feature_scale)
+    # The global scale s (s² = mean squared centred entry) is applied to the small
+    # matrices only, which saves two passes over the [n, d] data.
+    if d > n:
+        # Exact low-dimensional reduction through the n x n Gram matrix (see module doc).
+        gram = (xc @ xc.T).double()
+        s2 = float(gram.trace()) / (n * d) if scaling == "global" else 1.0
+        if s2 <= 0:
+            raise CdistillError("All activations are identical: no CAV can be fitted.")
+        evals, evecs = torch.linalg.eigh(gram / s2)
+        keep = evals > evals.max().clamp_min(0) * n * torch.finfo(dtype).eps
+        if not bool(keep.any()):
+            raise CdistillError("All activations are identical: no CAV can be fitted.")
+        evals, evecs = evals[keep], evecs[:, keep]
+        root = evals.sqrt()
+        beta, b = SOLVERS[solver](evecs * root, t, **solver_kw)
+        w_s = xc.T @ (evecs @ (beta / root)).to(dtype) / math.sqrt(s2)
+    else:
+        s2 = float(xc.pow(2).mean()) if scaling == "global" else 1.0
+        if s2 <= 0:
+            raise CdistillError("All activations are identical: no CAV can be fitted.")
+        beta, b = SOLVERS[solver](xc.double() / math.sqrt(s2), t, **solver_kw)
+        w_s = beta.to(dtype)
+    # Undo scaling and centring: w_s·(x - mean)/scale + b = w·x + (b - w·mean).
+    w = w_s / math.sqrt(s2)
+    if feature_scale is not None:
+        w = w / feature_scale
+    norm = torch.linalg.vector_norm(w)
+    if float(norm) == 0 or not math.isfinite(float(norm)):
+        raise CdistillError(
+            f"The {solver} solver returned a degenerate CAV (|w| = {float(norm)}): the concept "
+            "and negative activations are indistinguishable to it."
+        )
+    bias = (b.to(dtype) - w @ mean) / norm
+    return w / norm, bias
+
+
+# ----------------------------------------------------------------------------- fit + eval
+
+
+@dataclass
+class CAVResult:
+    """A fitted CAV and how well its linear probe separates held-out activations.
+
+    Attributes:
+        vector: Unit normal ``[d]`` in activation space, pointing towards the concept.
+        bias: Offset so that ``vector·a + bias > 0`` predicts the concept.
+        accuracy: Held-out accuracy (mean over samples), or the training accuracy when
+            ``n_test == 0``.
+        accuracy_pos: Held-out accuracy on concept samples.
+        accuracy_neg: Held-out accuracy on negative samples.
+        train_accuracy: Accuracy on the training split.
+        n_train: Training samples. n_test: Held-out samples.
+    """
+
+    vector: Tensor
+    bias: float
+    accuracy: float
+    accuracy_pos: float
+    accuracy_neg: float
+    train_accuracy: float
+    n_train: int
+    n_test: int
+    solver: str
+    concept: str = "concept"
+    negative: str = "random"
+    layer: str = ""
+
+
+def _flatten(name: str, acts: Tensor) -> Tensor:
+    if acts.ndim < 1 or acts.shape[0] == 0:
+        raise CdistillError(
+            f"The {name} set has 0 activations: a CAV needs examples of both the concept and "
+            "the negative set. Check the concept-set path and that it holds images."
+        )
+    return acts.reshape(acts.shape[0], -1)
+
+
+def _split(n: int, test_fraction: float, gen: torch.Generator, name: str) -> tuple[Tensor, Tensor]:
+    """Shuffle ``range(n)`` and split it into train and test indices (one class)."""
+    perm = torch.randperm(n, generator=gen)
+    n_test = round(n * test_fraction)
+    if test_fraction > 0:
+        if n < 2:
+            raise CdistillError(
+                f"The {name} set has {n} sample: a held-out split needs at least 2 per "
+                "class. Add examples or set test_fraction=0."
+            )
+        n_test = min(max(n_test, 1), n - 1)
+    return perm[n_test:], perm[:n_test]
+
+
+def stratified_split(
+    n_pos: int, n_neg: int, test_fraction: float = 0.3, seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The shuffled stratified split :func:`fit_cav` uses (CPU index tensors).
+
+    Each class keeps ``round(n * test_fraction)`` samples for testing (at least 1 and at
+    most ``n - 1`` when ``test_fraction > 0``).
+
+    Returns:
+        ``(pos_train, pos_test, neg_train, neg_test)`` row indices.
+    """
+    if not 0 <= test_fraction < 1:
+        raise CdistillError(f"test_fraction must be in [0, 1), got {test_fraction}.")
+    gen = torch.Generator().manual_seed(seed)
+    pos_tr, pos_te = _split(n_pos, test_fraction, gen, "concept")
+    neg_tr, neg_te = _split(n_neg, test_fraction, gen, "negative")
+    return pos_tr, pos_te, neg_tr, neg_te
+
+
+def fit_cav(
+    pos: Tensor,
+    neg: Tensor,
+    solver: str = "logistic",
+    *,
+    test_fraction: float = 0.3,
+    seed: int = 0,
+    scaling: str = "global",
+    concept: str = "concept",
+    negative: str = "random",
+    layer: str = "",
+    **solver_kw: Any,
+) -> CAVResult:
+    """Fit a CAV on a shuffled stratified train split and score it on the held-out rest.
+
+    The returned vector is the one fitted on the training split (the one that was
+    evaluated), not a refit on all data.
+
+    Args:
+        pos: Concept activations ``[n1, ...]`` (flattened to ``[n1, d]``).
+        neg: Negative activations ``[n0, ...]`` (flattened to ``[n0, d]``).
+        solver: ``"logistic"``, ``"svm"``, ``"ridge"`` or ``"mean_diff"``.
+        test_fraction: Fraction of each class held out (stratified); 0 fits on everything
+            and reports training accuracy.
+        seed: Seed of the split.
+        scaling: Feature preprocessing (see the module docstring).
+        concept: Concept name (metadata). negative: Negative-set name. layer: Layer name.
+        **solver_kw: Solver options, e.g. ``C=1.0`` (logistic, svm) or ``alpha=1.0`` (ridge).
+
+    Returns:
+        A :class:`CAVResult` on the inputs' device.
+
+    Raises:
+        CdistillError: An empty set, a set too small to split, mismatched dimensions.
+    """
+    pos, neg = _flatten(f"concept {concept!r}", pos), _flatten(f"negative {negative!r}", neg)
+    if pos.shape[1] != neg.shape[1]:
+        raise CdistillError(
+            f"Concept {concept!r} activations have d={pos.shape[1]} but negative {negative!r} "
+            f"activations have d={neg.shape[1]}; collect both at the same layer."
+        )
+    neg = neg.to(pos.device)
+    try:
+        pos_tr, pos_te, neg_tr, neg_te = stratified_split(len(pos), len(neg), test_fraction, seed)
+    except CdistillError as err:
+        raise CdistillError(f"Concept {concept!r} vs {negative!r} at layer {layer!r}: {err}") from None
+    dev, dtype = pos.device, _work_dtype(pos)
+    pos_tr, pos_te, neg_tr, neg_te = (i.to(dev) for i in (pos_tr, pos_te, neg_tr, neg_te))
+    n_pos = len(pos_tr)
+    if pos.dtype == neg.dtype == dtype:
+        # One copy of the training rows (the solver centres it in place).
+        x = torch.empty(n_pos + len(neg_tr), pos.shape[1], dtype=dtype, device=dev)
+        torch.index_select(pos, 0, pos_tr, out=x[:n_pos])
+        torch.index_select(neg, 0, neg_tr, out=x[n_pos:])
+    else:
+        x = torch.cat([pos[pos_tr].to(dtype), neg[neg_tr].to(dtype)])
+    v, bias = _fit_stacked(x, n_pos, solver, scaling, **solver_kw)
+    del x
+    # Scores of every row in one pass, then split; no copies of the test rows.
+    pos_ok = (pos.to(dtype) @ v + bias) > 0
+    neg_ok = (neg.to(dtype) @ v + bias) <= 0
+
+    def acc(p_idx: Tensor, n_idx: Tensor) -> tuple[float, float, float]:
+        cp, cn = int(pos_ok[p_idx].sum()), int(neg_ok[n_idx].sum())
+        np_, nn_ = len(p_idx), len(n_idx)
+        nan = float("nan")
+        return (
+            (cp + cn) / max(np_ + nn_, 1),
+            cp / np_ if np_ else nan,
+            cn / nn_ if nn_ else nan,
+        )
+
+    train_acc = acc(pos_tr, neg_tr)
+    test = acc(pos_te, neg_te) if len(pos_te) + len(neg_te) else train_acc
+    return CAVResult(
+        vector=v,
+        bias=float(bias),
+        accuracy=test[0],
+        accuracy_pos=test[1],
+        accuracy_neg=test[2],
+        train_accuracy=train_acc[0],
+        n_train=n_pos + len(neg_tr),
+        n_test=len(pos_te) + len(neg_te),
+        solver=solver,
+        concept=concept,
+        negative=negative,
+        layer=layer,
+    )
+
+
+def gate_cavs(results: Iterable[CAVResult], min_accuracy: float = MIN_ACCURACY) -> list[CAVResult]:
+    """Keep the CAVs whose held-out accuracy reaches ``min_accuracy``; warn about the rest.
+
+    A CAV that barely beats chance is not a concept direction (Concept Distillation uses
+    0.7). NaN accuracy counts as failing.
+    """
+    kept = []
+    for result in results:
+        if result.accuracy >= min_accuracy:
+            kept.append(result)
+            continue
+        warnings.warn(
+            f"Dropping the CAV of concept {result.concept!r} (vs {result.negative!r}) at "
+            f"layer {result.layer!r}: held-out accuracy {result.accuracy:.3f} < "
+            f"{min_accuracy}. The layer may not encode the concept linearly; try another "
+            "layer or more concept images.",
+            stacklevel=2,
+        )
+    return kept
+
+
+# ----------------------------------------------------------------------------- bank
+
+_META_KEYS = ("concepts", "negatives", "layers", "solvers")
+
+
+class CAVBank(nn.Module):
+    """Fitted CAVs as module buffers, so checkpoints carry them and ``.to()`` moves them.
+
+    Buffers: ``vectors [m, d]`` (unit rows), ``biases [m]``, ``accuracies [m]``
+    (held-out). Metadata (concept, negative set, layer, solver per row) are python lists
+    stored through ``get_extra_state``, which keeps the state dict loadable with
+    ``torch.load(..., weights_only=True)``. All rows share one dimension ``d``; use one
+    bank per layer when layers differ in size.
+    """
+
+    vectors: Tensor
+    biases: Tensor
+    accuracies: Tensor
+
+    def __init__(self, results: Sequence[CAVResult] = ()) -> None:
+        super().__init__()
+        self.register_buffer("vectors", torch.zeros(0, 0))
+        self.register_buffer("biases", torch.zeros(0))
+        self.register_buffer("accuracies", torch.zeros(0))
+        self.concepts: list[str] = []
+        self.negatives: list[str] = []
+        self.layers: list[str] = []
+        self.solvers: list[str] = []
+        for result in results:
+            self.add(result)
+
+    def __len__(self) -> int:
+        return len(self.concepts)
+
+    @property
+    def dim(self) -> int:
+        """Activation dimension ``d`` (0 for an empty bank)."""
+        return int(self.vectors.shape[1])
+
+    def add(self, result: CAVResult) -> int:
+        """Append a fitted CAV; returns its row index."""
+        vec = result.vector.detach().reshape(-1)
+        if len(self) and vec.numel() != self.dim:
+            raise CdistillError(
+                f"CAV of concept {result.concept!r} at layer {result.layer!r} has d="
+                f"{vec.numel()}, but this bank holds d={self.dim} (layers "
+                f"{sorted(set(self.layers))}); use one CAVBank per layer size."
+            )
+        # An empty bank adopts the first vector's device; rows are float32 by default.
+        device = self.vectors.device if len(self) else vec.device
+        dtype = self.vectors.dtype if len(self) else torch.float32
+        old = self.vectors if len(self) else self.vectors.new_zeros(0, vec.numel())
+        scalars = torch.tensor([[result.bias, result.accuracy]], dtype=dtype, device=device)
+        self.vectors = torch.cat([old.to(device, dtype), vec.to(device, dtype)[None]])
+        self.biases = torch.cat([self.biases.to(device, dtype), scalars[:, 0]])
+        self.accuracies = torch.cat([self.accuracies.to(device, dtype), scalars[:, 1]])
+        self.concepts.append(result.concept)
+        self.negatives.append(result.negative)
+        self.layers.append(result.layer)
+        self.solvers.append(result.solver)
+        return len(self) - 1
+
+    def indices(
+        self, concept: str, layer: str | None = None, negative: str | None = None
+    ) -> list[int]:
+        """Rows of ``concept`` (optionally only at ``layer`` / against ``negative``).
+
+        Raises:
+            CdistillError: No such concept (close names listed) or no row matches.
+        """
+        if concept not in self.concepts:
+            raise unknown_name("concept", concept, self.concepts, "Use a concept of this CAV bank.")
+        entries = list(zip(self.concepts, self.layers, self.negatives, strict=True))
+        rows = [
+            i
+            for i, (c, ly, ng) in enumerate(entries)
+            if c == concept and (layer is None or ly == layer) and (negative is None or ng == negative)
+        ]
+        if not rows:
+            have = sorted({(ly, ng) for c, ly, ng in entries if c == concept})
+            raise CdistillError(
+                f"No CAV of concept {concept!r} at layer {layer!r} against {negative!r}; "
+                f"it has (layer, negative) = {have}."
+            )
+        return rows
+
+    def vector(self, concept: str, layer: str | None = None, negative: str | None = None) -> Tensor:
+        """The unit CAV ``[d]`` of one concept; the arguments must pick exactly one row."""
+        rows = self.indices(concept, layer, negative)
+        if len(rows) > 1:
+            choices = [(self.layers[i], self.negatives[i]) for i in rows]
+            raise CdistillError(
+                f"Concept {concept!r} has {len(rows)} CAVs (layer, negative) = {choices}; "
+                "pass layer= and/or negative= to pick one."
+            )
+        return self.vectors[rows[0]]
+
+    def at_layer(self, layer: str) -> tuple[list[str], Tensor]:
+        """Concept names and CAVs ``[k, d]`` of every row at ``layer``."""
+        if layer not in self.layers:
+            raise unknown_name("CAV layer", layer, self.layers, "Use a layer of this CAV bank.")
+        rows = [i for i, ly in enumerate(self.layers) if ly == layer]
+        return [self.concepts[i] for i in rows], self.vectors[rows]
+
+    def get_extra_state(self) -> dict[str, list[str]]:
+        return {key: list(getattr(self, key)) for key in _META_KEYS}
+
+    def set_extra_state(self, state: Any) -> None:
+        for key in _META_KEYS:
+            setattr(self, key, [str(s) for s in state[key]])
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # The bank's size is data, not architecture: adopt the checkpoint's shapes so a
+        # freshly built (empty) bank can load any saved one.
+        for name in ("vectors", "biases", "accuracies"):
+            incoming = state_dict.get(prefix + name)
+            current = getattr(self, name)
+            if isinstance(incoming, Tensor) and incoming.shape != current.shape:
+                setattr(self, name, current.new_empty(incoming.shape))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write the bank to ``path`` (loadable with ``torch.load(weights_only=True)``)."""
+        payload = {
+            "format": "cdistill.CAVBank",
+            "version": 1,
+            "vectors": self.vectors.detach().cpu(),
+            "biases": self.biases.detach().cpu(),
+            "accuracies": self.accuracies.detach().cpu(),
+            **self.get_extra_state(),
+        }
+        torch.save(payload, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> CAVBank:
+        """Read a bank written by :meth:`save` (safe: ``weights_only=True``)."""
+        payload = torch.load(Path(path), map_location=map_location, weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != "cdistill.CAVBank":
+            raise CdistillError(f"{path} is not a CAV bank written by CAVBank.save().")
+        bank = cls()
+        bank.vectors = payload["vectors"]
+        bank.biases = payload["biases"]
+        bank.accuracies = payload["accuracies"]
+        bank.set_extra_state(payload)
+        return bank
+
+    def extra_repr(self) -> str:
+        return f"m={len(self)}, d={self.dim}, concepts={sorted(set(self.concepts))}"

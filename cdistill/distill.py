@@ -1,0 +1,324 @@
+"""ConceptDistillModule: task loss + concept loss + prototype loss + local loss.
+
+``L = L_task + λ_c Σ_t w_t L_c,t + λ_p L_p + λ_L L_local`` (DESIGN.md section 2.7); a term is
+computed only when its λ is > 0, and every term is logged (``train/task``, ``train/concept``,
+``train/concept/<term>``, ``train/prototype``, ``train/local``).
+
+Concept artefacts (a CAV bank and class prototypes at ``layer``) are fitted on the student as
+it is when training starts — in the pipeline, the biased base model — unless a checkpoint
+already holds them. They are buffers: checkpoints carry them, ``.to(device)`` moves them, and
+under DDP rank 0's values are broadcast so every rank holds identical ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+
+from cdistill.capture import capture, collect_activations, resolve_module
+from cdistill.cav import CAVBank, fit_cav
+from cdistill.concepts import load_spec, preprocess
+from cdistill.errors import CdistillError
+from cdistill.losses import (
+    DIRECTIONS,
+    concept_loss,
+    corner_mask,
+    foreground_mask,
+    local_loss,
+    logprob_gradient,
+    prototype_gradient,
+)
+from cdistill.module import Batch, ClassifierModule, to_plain
+from cdistill.prototypes import PrototypeFitter, Prototypes
+from cdistill.students import first_conv
+
+log = logging.getLogger(__name__)
+FORMS = ("prototype", "logit")
+
+
+def term_name(term: Mapping[str, Any]) -> str:
+    """Short name of a concept term for log keys (``color_{y}`` -> ``color_y``)."""
+    return str(term.get("name") or term["concept"]).replace("{y}", "y")
+
+
+class ConceptDistillModule(ClassifierModule):
+    """Concept-sensitive fine-tuning of a student (see module docstring).
+
+    Args:
+        layer: Module path of the student layer the concept loss acts on (e.g. ``conv2``).
+        form: ``prototype`` (``|cos(a - Pbar_y, v)|``, no double backward) or ``logit``
+            (``∇_a log p(y|x)`` by one batched double backward).
+        lambda_c: Weight of the concept loss (0: off).
+        lambda_p: Weight of the prototype loss ``Σ_j ||a - P_yj||² / d`` (0: off).
+        lambda_l: Weight of the local input-gradient loss (0: off).
+        concepts: ``spec`` (YAML concept spec), ``terms`` (list of ``{concept, negative,
+            direction, weight, classes, name}``; ``{y}`` in ``concept`` picks the concept of
+            each sample's class, e.g. ``color_{y}``), ``solver``, ``min_accuracy`` (gate),
+            ``test_fraction``, ``refresh_every_n_steps`` (0: static CAVs) and ``ema``.
+        prototypes: ``k`` (K-means centres per class; 1 = class mean),
+            ``refresh_every_n_epochs`` (0: fixed) and ``ema`` (weight of fresh centres).
+        local: ``mask`` (``foreground`` or ``corners``), ``threshold`` and ``fraction``
+            (foreground pixels sampled).
+        fit_batch_size: Batch size for computing activations when fitting artefacts.
+        **kwargs: :class:`ClassifierModule` arguments (``student``, ``optimizer`` ...).
+    """
+
+    def __init__(
+        self,
+        layer: str,
+        form: str = "prototype",
+        lambda_c: float = 1.0,
+        lambda_p: float = 0.0,
+        lambda_l: float = 0.0,
+        concepts: Mapping[str, Any] | None = None,
+        prototypes: Mapping[str, Any] | None = None,
+        local: Mapping[str, Any] | None = None,
+        fit_batch_size: int = 500,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        concepts = dict(to_plain(concepts) or {})
+        prototypes = dict(to_plain(prototypes) or {})
+        local = dict(to_plain(local) or {})
+        if form not in FORMS:
+            raise CdistillError(f"model.form={form!r}: use one of {FORMS}.")
+        terms = list(concepts.get("terms") or [])
+        if lambda_c > 0 and not terms:
+            raise CdistillError("model.lambda_c > 0 but model.concepts.terms is empty: name at least one concept.")
+        for t in terms:
+            if t.get("direction", "desensitize") not in DIRECTIONS:
+                raise CdistillError(f"Concept term {t}: direction must be one of {DIRECTIONS}.")
+        resolve_module(self.student, layer)  # a wrong layer fails now, listing close names
+        self.save_hyperparameters(
+            {
+                "layer": layer, "form": form, "lambda_c": lambda_c, "lambda_p": lambda_p,
+                "lambda_l": lambda_l, "concepts": concepts, "prototypes": prototypes,
+                "local": local, "fit_batch_size": fit_batch_size,
+            }
+        )
+        self.layer = layer
+        self.terms = terms
+        num_classes = self.hparams["num_classes"]
+        self.cavs = CAVBank()
+        self.prototypes = Prototypes()
+        self.register_buffer("cav_index", torch.full((len(terms), num_classes), -1, dtype=torch.long))
+        self.register_buffer("term_weights", torch.tensor([float(t.get("weight", 1.0)) for t in terms]))
+        self.register_buffer(
+            "sensitize", torch.tensor([t.get("direction", "desensitize") == "sensitize" for t in terms], dtype=torch.bool)
+        )
+        # Pixel statistics of the datamodule: the local loss needs un-normalised images.
+        conv = first_conv(self.student)
+        chans = conv.in_channels if conv is not None else 3
+        self.register_buffer("input_mean", torch.zeros(chans))
+        self.register_buffer("input_std", torch.ones(chans))
+        self.register_buffer("artefacts_fitted", torch.tensor(False))
+
+    # Buffers registered above (typed for mypy).
+    cav_index: Tensor
+    term_weights: Tensor
+    sensitize: Tensor
+    input_mean: Tensor
+    input_std: Tensor
+    artefacts_fitted: Tensor
+
+    # ------------------------------------------------------------------ fitting
+    @property
+    def needs_cavs(self) -> bool:
+        return self.hparams["lambda_c"] > 0
+
+    @property
+    def needs_prototypes(self) -> bool:
+        return self.hparams["lambda_p"] > 0 or (self.needs_cavs and self.hparams["form"] == "prototype")
+
+    def _loader(self, images: Tensor) -> list[Tensor]:
+        bs = self.hparams["fit_batch_size"]
+        return [images[i : i + bs].to(self.device) for i in range(0, len(images), bs)]
+
+    def concept_activations(self, datamodule: Any) -> dict[str, Tensor]:
+        """Activations ``[N, d]`` at ``layer`` of every set in the concept spec."""
+        spec = self.hparams["concepts"].get("spec")
+        if not spec:
+            raise CdistillError("model.concepts.spec is not set: give the concept-set YAML spec.")
+        sets = load_spec(spec, channels=datamodule.num_channels, size=datamodule.image_size)
+        out = {}
+        for name, images in sets.items():
+            x = preprocess(images, datamodule.normalize, channels=datamodule.num_channels, size=datamodule.image_size)
+            out[name] = collect_activations(self.student, self.layer, self._loader(x))
+        return out
+
+    def _negative(self, acts: Mapping[str, Tensor], name: str) -> Tensor:
+        if name in acts:
+            return acts[name]
+        pool = [v for k, v in acts.items() if k.startswith(f"{name}/")]
+        if not pool:
+            raise CdistillError(f"Negative set {name!r} is not in the concept spec; it has {sorted(acts)}.")
+        return torch.cat(pool)
+
+    def fit_cavs(self, acts: Mapping[str, Tensor]) -> tuple[CAVBank, Tensor]:
+        """Fit one CAV per (term, class) and return the bank and ``cav_index [T, C]``."""
+        cfg = self.hparams["concepts"]
+        bank = CAVBank()
+        index = torch.full_like(self.cav_index, -1)
+        fitted: dict[tuple[str, str], int] = {}
+        min_acc = float(cfg.get("min_accuracy", 0.7))
+        for t, term in enumerate(self.terms):
+            classes = term.get("classes")
+            classes = range(self.hparams["num_classes"]) if classes is None else classes
+            negative = str(term.get("negative", "random"))
+            for k in classes:
+                concept = str(term["concept"]).format(y=k)
+                if concept not in acts:
+                    raise CdistillError(
+                        f"Concept {concept!r} (term {term_name(term)!r}) is not in the concept spec; "
+                        f"it has {sorted(acts)}."
+                    )
+                key = (concept, negative)
+                if key not in fitted:
+                    res = fit_cav(
+                        acts[concept], self._negative(acts, negative), str(cfg.get("solver", "logistic")),
+                        test_fraction=float(cfg.get("test_fraction", 0.3)), seed=0,
+                        concept=concept, negative=negative, layer=self.layer,
+                    )
+                    if res.accuracy < min_acc:
+                        rank_zero_warn(
+                            f"CAV {concept!r} vs {negative!r} at {self.layer!r} has held-out accuracy "
+                            f"{res.accuracy:.3f} < {min_acc}: not trusted, its term is skipped for class {k}."
+                        )
+                        fitted[key] = -1
+                    else:
+                        fitted[key] = bank.add(res)
+                index[t, k] = fitted[key]
+        if self.terms and bool((index < 0).all()):
+            raise CdistillError(
+                "Every CAV fell below the accuracy gate (model.concepts.min_accuracy): the layer "
+                f"{self.layer!r} does not separate the concept sets. Try another layer."
+            )
+        return bank, index.to(self.device)
+
+    @torch.no_grad()
+    def fit_prototypes(self, datamodule: Any) -> Prototypes:
+        """K-means (K = 1: class means) of the training activations at ``layer``."""
+        cfg = self.hparams["prototypes"]
+        fitter = PrototypeFitter(self.hparams["num_classes"], int(cfg.get("k", 1)), seed=0)
+        train = datamodule.split("train")
+        loader = torch.utils.data.DataLoader(train, batch_size=self.hparams["fit_batch_size"], shuffle=False)
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            for batch in loader:
+                with capture(self.student, self.layer, detach=True) as store:
+                    self.student(batch["image"].to(self.device))
+                fitter.update(store[self.layer], batch["label"].to(self.device))
+        finally:
+            self.student.train(was_training)
+        return fitter.compute()
+
+    def fit_artefacts(self, datamodule: Any) -> None:
+        """Fit CAVs and prototypes on the current student, then make all ranks agree."""
+        self.input_mean = datamodule.mean.to(self.device)
+        self.input_std = datamodule.std.to(self.device)
+        if self.needs_cavs:
+            acts = self.concept_activations(datamodule)
+            bank, index = self.fit_cavs(acts)
+            self.cavs = bank.to(self.device)
+            self.cav_index = index
+            log.info("fitted %d CAVs at %s: accuracies %s", len(bank), self.layer, [round(float(a), 3) for a in bank.accuracies])
+        if self.needs_prototypes:
+            self.prototypes = self.fit_prototypes(datamodule).to(self.device)
+        self._broadcast_artefacts()
+        self.artefacts_fitted = torch.tensor(True, device=self.device)
+
+    def _broadcast_artefacts(self) -> None:
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1:
+            return
+        strategy = trainer.strategy
+        for owner, name in ((self.cavs, "vectors"), (self.cavs, "biases"), (self.cavs, "accuracies"),
+                            (self.prototypes, "centers"), (self, "cav_index")):
+            value = strategy.broadcast(getattr(owner, name).cpu(), src=0)
+            setattr(owner, name, value.to(self.device))
+        meta = strategy.broadcast(self.cavs.get_extra_state(), src=0)
+        self.cavs.set_extra_state(meta)
+
+    def on_fit_start(self) -> None:
+        # Artefacts restored from a checkpoint are kept: resuming must not refit them.
+        if not bool(self.artefacts_fitted):
+            self.fit_artefacts(self.trainer.datamodule)  # type: ignore[attr-defined]
+
+    def on_train_epoch_start(self) -> None:
+        every = int(self.hparams["prototypes"].get("refresh_every_n_epochs", 0))
+        epoch = self.current_epoch
+        if self.needs_prototypes and every > 0 and epoch > 0 and epoch % every == 0:
+            fresh = self.fit_prototypes(self.trainer.datamodule)  # type: ignore[attr-defined]
+            self.prototypes.ema_update_(fresh, float(self.hparams["prototypes"].get("ema", 0.3)))
+            self._broadcast_artefacts()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        every = int(self.hparams["concepts"].get("refresh_every_n_steps", 0))
+        step = self.global_step
+        if not self.needs_cavs or every <= 0 or step == 0 or step % every:
+            return
+        acts = self.concept_activations(self.trainer.datamodule)  # type: ignore[attr-defined]
+        bank, index = self.fit_cavs(acts)
+        if not torch.equal(index, self.cav_index):
+            # A CAV crossed the gate: adopt the new bank rather than blend mismatched rows.
+            self.cavs, self.cav_index = bank.to(self.device), index
+        else:
+            ema = float(self.hparams["concepts"].get("ema", 0.3))
+            blended = (1 - ema) * self.cavs.vectors + ema * bank.vectors.to(self.device)
+            self.cavs.vectors = F.normalize(blended, dim=1)
+        self._broadcast_artefacts()
+
+    # ------------------------------------------------------------------ objective
+    def _local_mask(self, images: Tensor) -> Tensor:
+        cfg = self.hparams["local"]
+        kind = cfg.get("mask", "foreground")
+        if kind == "corners":
+            return corner_mask(tuple(images.shape), int(cfg.get("size", 5)), images.device)
+        if kind != "foreground":
+            raise CdistillError(f"model.local.mask={kind!r}: use foreground or corners.")
+        raw = images * self.input_std.view(1, -1, 1, 1) + self.input_mean.view(1, -1, 1, 1)
+        return foreground_mask(raw, float(cfg.get("threshold", 0.1)), float(cfg.get("fraction", 0.5)))
+
+    def compute_losses(self, batch: Batch) -> dict[str, Tensor]:
+        """``loss`` and each active term (``task``, ``concept``, ``concept/<term>``,
+        ``prototype``, ``local``), plus ``logits``. Callable without a Trainer once the
+        artefacts are fitted (:meth:`fit_artefacts`)."""
+        hp = self.hparams
+        x, y = batch["image"], batch["label"]
+        if hp["lambda_l"] > 0:
+            x = x.detach().requires_grad_(True)
+        with capture(self.student, self.layer, check_finite=False) as store:
+            logits = self.student(x)
+        acts = store[self.layer]
+        task = F.cross_entropy(logits, y)
+        out: dict[str, Tensor] = {"task": task, "logits": logits}
+        loss = task
+        if hp["lambda_c"] > 0:
+            if hp["form"] == "prototype":
+                grads = prototype_gradient(acts, self.prototypes.mean_center(y))
+            else:
+                grads = logprob_gradient(acts, logits, y)
+            lc, per_term = concept_loss(grads, y, self.cavs.vectors, self.cav_index, self.sensitize, self.term_weights)
+            out["concept"] = lc
+            for term, value in zip(self.terms, per_term, strict=True):
+                out[f"concept/{term_name(term)}"] = value
+            loss = loss + hp["lambda_c"] * lc
+        if hp["lambda_p"] > 0:
+            out["prototype"] = self.prototypes.loss(acts, y).mean()
+            loss = loss + hp["lambda_p"] * out["prototype"]
+        if hp["lambda_l"] > 0:
+            out["local"] = local_loss(x, logits, y, self._local_mask(x.detach()))
+            loss = loss + hp["lambda_l"] * out["local"]
+        out["loss"] = loss
+        return out
+
+    def extra_terms(self) -> Sequence[str]:
+        """Names of the concept terms, in order."""
+        return [term_name(t) for t in self.terms]

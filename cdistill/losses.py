@@ -1,0 +1,156 @@
+"""Concept-distillation loss terms (DESIGN.md section 2.4 and 2.6), as pure functions.
+
+Notation: ``a`` the layer activation of a sample flattened to ``[d]``, ``v`` a unit CAV,
+``Pbar_y`` the mean prototype of the sample's class.
+
+* Prototype form. ``∇_a L_p = (2K/d)(a - Pbar_y)`` and cosine ignores positive scale, so
+  ``cos(∇_a L_p, v) = cos(a - Pbar_y, v)``: one batched expression, no double backward.
+* Logit form. ``∇_a log p(y|x)`` from one batched ``autograd.grad(create_graph=True)``:
+  samples do not interact in the forward pass (no batch norm in train mode between the
+  layer and the logits is assumed), so the gradient of the batch sum gives every
+  per-sample gradient at once.
+* Desensitize: ``|cos|`` (the gradient becomes orthogonal to the concept). Sensitize:
+  ``1 - cos`` (the gradient points along the concept).
+* The local loss "+L" (RRR style): squared input gradient of the task loss inside a mask.
+
+All losses are means over the samples they apply to (the original code summed over batch
+and concepts; a mean keeps λ independent of the batch size: λ_mean = λ_sum × B).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cdistill.errors import CdistillError
+
+DIRECTIONS = ("desensitize", "sensitize")
+
+
+def cosine_to_cavs(grads: Tensor, cavs: Tensor, eps: float = 1e-12) -> Tensor:
+    """Cosine between per-sample gradients and per-sample CAVs.
+
+    Args:
+        grads: ``[B, d]`` gradient directions.
+        cavs: ``[T, B, d]`` one CAV per term and sample (or ``[B, d]`` for one term).
+
+    Returns:
+        ``[T, B]`` cosines (``[B]`` for a single term).
+    """
+    if grads.shape[-1] != cavs.shape[-1]:
+        raise CdistillError(
+            f"Gradient dimension {grads.shape[-1]} does not match CAV dimension {cavs.shape[-1]}: "
+            "the CAVs were fitted at another layer."
+        )
+    num = (grads * cavs).sum(-1)
+    den = grads.norm(dim=-1) * cavs.norm(dim=-1)
+    return num / den.clamp_min(eps)
+
+
+def concept_term(cos: Tensor, sensitize: Tensor | bool) -> Tensor:
+    """Per-sample concept loss from a cosine: ``|cos|`` (desensitize) or ``1 - cos``."""
+    return torch.where(torch.as_tensor(sensitize, device=cos.device), 1 - cos, cos.abs())
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values [T, B]`` over ``mask [T, B]`` per row -> ``[T]`` (0 for empty rows)."""
+    m = mask.to(values.dtype)
+    return (values * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+
+
+def prototype_gradient(acts: Tensor, pbar: Tensor) -> Tensor:
+    """The direction of ``∇_a L_p``: ``a - Pbar_y`` (``[B, d]``), positive scale dropped."""
+    return acts.reshape(acts.shape[0], -1) - pbar
+
+
+def logprob_gradient(acts: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
+    """``∇_a log p(y|x)`` per sample, differentiable (``create_graph=True``).
+
+    Args:
+        acts: The layer activation ``[B, ...]`` that ``logits`` were computed from.
+        logits: ``[B, num_classes]``.
+        labels: ``[B]``.
+
+    Returns:
+        ``[B, d]``.
+    """
+    target = F.log_softmax(logits, dim=1).gather(1, labels[:, None]).sum()
+    (grad,) = torch.autograd.grad(target, acts, create_graph=True)
+    return grad.reshape(grad.shape[0], -1)
+
+
+def concept_loss(
+    grads: Tensor,
+    labels: Tensor,
+    cavs: Tensor,
+    cav_index: Tensor,
+    sensitize: Tensor,
+    weights: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Weighted sum over concept terms of the mean per-sample concept loss.
+
+    Args:
+        grads: ``[B, d]`` gradient directions (prototype or logit form).
+        labels: ``[B]`` classes.
+        cavs: ``[m, d]`` unit CAVs (rows of a CAV bank).
+        cav_index: ``[T, num_classes]`` row of ``cavs`` each term uses for a sample of each
+            class, or -1 where the term does not apply to that class (class scope).
+        sensitize: ``[T]`` bool, per term.
+        weights: ``[T]`` per-term weights.
+
+    Returns:
+        ``(loss, per_term)``: the scalar ``Σ_t w_t mean_b L_tb`` and the ``[T]`` unweighted
+        term means (for logging).
+    """
+    rows = cav_index[:, labels]  # [T, B]
+    applies = rows >= 0
+    v = cavs[rows.clamp_min(0)]  # [T, B, d]
+    per_sample = concept_term(cosine_to_cavs(grads.unsqueeze(0), v), sensitize[:, None])
+    per_term = masked_mean(per_sample, applies)
+    return (weights * per_term).sum(), per_term
+
+
+def local_loss(inputs: Tensor, logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    """RRR-style penalty: squared input gradient of the task loss inside ``mask``.
+
+    Args:
+        inputs: ``[B, C, H, W]`` images that require grad (part of the graph of ``logits``).
+        logits: ``[B, num_classes]``.
+        labels: ``[B]``.
+        mask: ``[B, 1 or C, H, W]``; 1 where the gradient should vanish.
+
+    Returns:
+        Scalar: the per-sample sum of masked squared gradients, averaged over the batch.
+    """
+    # Sum (not mean) over the batch: each sample's gradient is then its own, unscaled.
+    task = F.cross_entropy(logits, labels, reduction="sum")
+    (grad,) = torch.autograd.grad(task, inputs, create_graph=True)
+    return (grad * mask).pow(2).sum() / inputs.shape[0]
+
+
+def foreground_mask(images: Tensor, threshold: float, fraction: float, generator: torch.Generator | None = None) -> Tensor:
+    """Random sample of foreground pixels (where the cue of colour/texture lives).
+
+    Args:
+        images: ``[B, C, H, W]`` un-normalised images in ``[0, 1]``.
+        threshold: A pixel is foreground when its max over channels exceeds this.
+        fraction: Fraction of foreground pixels kept (the paper sampled foreground pixels).
+        generator: Optional RNG for the sample.
+
+    Returns:
+        ``[B, 1, H, W]`` float mask.
+    """
+    fg = images.amax(1, keepdim=True) > threshold
+    keep = torch.rand(fg.shape, generator=generator, device=images.device) < fraction
+    return (fg & keep).float()
+
+
+def corner_mask(shape: tuple[int, ...], size: int = 5, device: torch.device | None = None) -> Tensor:
+    """The four ``size x size`` corners (where DecoyMNIST puts its patch): ``[B, 1, H, W]``."""
+    b, _, h, w = shape
+    m = torch.zeros(b, 1, h, w, device=device)
+    for ys in (slice(0, size), slice(h - size, h)):
+        for xs in (slice(0, size), slice(w - size, w)):
+            m[:, :, ys, xs] = 1.0
+    return m

@@ -1,0 +1,145 @@
+"""ConceptDistillModule: the objective without a Trainer, artefacts in checkpoints, DDP-sim."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from cdistill.distill import ConceptDistillModule
+from cdistill.errors import CdistillError
+from datamodules import ColorMNISTDataModule
+
+ROOT = Path(__file__).resolve().parents[1]
+TERMS = [{"concept": "color_{y}", "negative": "grey"}]
+
+
+def make(**kw: Any) -> ConceptDistillModule:
+    args: dict[str, Any] = {
+        "layer": "conv2",
+        "student": {"name": "mnist_cnn"},
+        "optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3},
+        "concepts": {"spec": "concepts/color_mnist.yaml", "terms": TERMS, "min_accuracy": 0.0},
+    }
+    args.update(kw)
+    return ConceptDistillModule(**args)
+
+
+@pytest.fixture(scope="module")
+def dm() -> ColorMNISTDataModule:
+    d = ColorMNISTDataModule(max_train_samples=300)
+    d.setup("fit")
+    return d
+
+
+def _batch(dm: ColorMNISTDataModule, n: int = 16) -> dict[str, torch.Tensor]:
+    ds = dm.split("train")
+    items = [ds[i] for i in range(n)]
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+@pytest.mark.parametrize(
+    ("weights", "terms"),
+    [
+        ({"lambda_c": 1.0}, {"task", "concept", "concept/color_y"}),
+        ({"lambda_c": 0.0, "lambda_p": 0.5}, {"task", "prototype"}),
+        ({"lambda_c": 0.0, "lambda_l": 1.0}, {"task", "local"}),
+        ({"lambda_c": 1.0, "lambda_p": 0.5, "lambda_l": 1.0, "form": "logit"},
+         {"task", "concept", "concept/color_y", "prototype", "local"}),
+    ],
+)
+def test_terms_computed_only_when_weighted(dm: ColorMNISTDataModule, weights: dict[str, Any], terms: set[str]) -> None:
+    module = make(**weights)
+    module.fit_artefacts(dm)
+    out = module.compute_losses(_batch(dm))
+    assert set(out) == terms | {"loss", "logits"}
+    total = out["task"] + sum(
+        weights.get(f"lambda_{k[0]}", 0.0) * out[name]
+        for k, name in (("c", "concept"), ("p", "prototype"), ("l", "local"))
+        if name in out
+    )
+    assert torch.allclose(out["loss"], total)
+    out["loss"].backward()
+    assert module.student.conv1.weight.grad is not None
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+def test_concept_gradient_reaches_layers_before_the_concept_layer(dm: ColorMNISTDataModule) -> None:
+    module = make(lambda_c=1.0)
+    module.fit_artefacts(dm)
+    out = module.compute_losses(_batch(dm))
+    (g,) = torch.autograd.grad(out["concept"], module.student.conv1.weight)
+    assert g.abs().sum() > 0
+    out = module.compute_losses(_batch(dm))
+    (g_fc,) = torch.autograd.grad(out["concept"], module.student.fc2.weight, allow_unused=True)
+    assert g_fc is None  # prototype form: layers after the concept layer get no concept gradient
+
+
+def test_artefacts_round_trip_bitwise(dm: ColorMNISTDataModule, tmp_path: Path) -> None:
+    module = make(lambda_c=1.0, lambda_p=0.1, prototypes={"k": 2})
+    module.fit_artefacts(dm)
+    path = tmp_path / "m.pt"
+    torch.save(module.state_dict(), path)
+    fresh = make(lambda_c=1.0, lambda_p=0.1, prototypes={"k": 2})
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.equal(fresh.cavs.vectors, module.cavs.vectors)
+    assert fresh.cavs.concepts == module.cavs.concepts
+    assert torch.equal(fresh.prototypes.centers, module.prototypes.centers)
+    assert torch.equal(fresh.cav_index, module.cav_index)
+    assert bool(fresh.artefacts_fitted)
+    batch = _batch(dm)
+    assert torch.equal(fresh.compute_losses(batch)["loss"], module.compute_losses(batch)["loss"])
+
+
+def test_bad_configuration_is_clear() -> None:
+    with pytest.raises(CdistillError, match="conv2"):
+        make(layer="conv3")
+    with pytest.raises(CdistillError, match="terms is empty"):
+        make(concepts={"spec": "concepts/color_mnist.yaml", "terms": []})
+    with pytest.raises(CdistillError, match="direction"):
+        make(concepts={"spec": "x", "terms": [{"concept": "a", "direction": "sideways"}]})
+
+
+def test_unknown_concept_and_gate(dm: ColorMNISTDataModule) -> None:
+    module = make(concepts={"spec": "concepts/color_mnist.yaml", "terms": [{"concept": "colour_{y}", "negative": "grey"}]})
+    with pytest.raises(CdistillError, match="not in the concept spec"):
+        module.fit_artefacts(dm)
+    # An impossible gate drops every CAV: a clear error, never a silent no-op loss.
+    module = make(concepts={"spec": "concepts/color_mnist.yaml", "terms": TERMS, "min_accuracy": 1.01})
+    with pytest.warns(UserWarning, match="not trusted"), pytest.raises(CdistillError, match="accuracy gate"):
+        module.fit_artefacts(dm)
+
+
+def _run(tmp: Path, name: str, extra: list[str]) -> dict[str, torch.Tensor]:
+    common = [
+        "experiment=color_mnist/cd", "data.max_train_samples=64", "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "test=false",
+        "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=1.0", "model.lambda_p=0.1",
+        "model.concepts.min_accuracy=0.0", "trainer.enable_progress_bar=false", "logger=csv",
+        f"hydra.run.dir={tmp / name}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, *extra], cwd=tmp, env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return torch.load(tmp / name / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+@pytest.mark.core
+def test_ddp_sim_matches_single_process(tmp_path: Path) -> None:
+    """2 gloo processes with batch 16 each == 1 process with batch 32: same CAVs, prototypes
+    and, after one SGD step with lr=1, the same update (so the same per-step gradient)."""
+    single = _run(tmp_path, "single", ["trainer=cpu", "data.batch_size=32"])
+    ddp = _run(tmp_path, "ddp", ["trainer=ddp_sim", "data.batch_size=16"])
+    for key in ("cavs.vectors", "prototypes.centers", "cav_index"):
+        assert torch.allclose(single[key].double(), ddp[key].double(), atol=1e-6), key
+    student = [k for k in single if k.startswith("student.")]
+    assert student
+    for key in student:
+        assert torch.allclose(single[key], ddp[key], atol=1e-5, rtol=1e-4), key
