@@ -304,9 +304,12 @@ class BiasedMNISTDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled by an :class:`EpochSeededSampler` (order fixed by seed and epoch)."""
+        """Shuffled by an :class:`EpochSeededSampler` (order fixed by seed and epoch; under
+        DDP each rank takes its share of the same global order)."""
         train = self.split("train")
-        sampler = EpochSeededSampler(len(train), seed=self.seed)
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochSeededSampler(len(train), seed=self.seed, num_replicas=replicas, rank=rank)
         return self._loader(train, self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> list[DataLoader]:

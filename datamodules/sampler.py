@@ -1,45 +1,66 @@
-"""A shuffling sampler whose order is a pure function of ``(seed, epoch)``."""
+"""A shuffling sampler whose order is a pure function of ``(seed, epoch)``, also under DDP."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 from datamodules.splits import derive_seed
 
 
-class EpochSeededSampler(Sampler[int]):
+class EpochSeededSampler(DistributedSampler):
     """Shuffle ``range(num_samples)`` with a permutation fixed by ``(seed, epoch)``.
 
-    ``RandomSampler`` draws from global RNG state, so a run resumed from a checkpoint
-    would see a different order than an uninterrupted one. Here Lightning calls
-    :meth:`set_epoch` at the start of every epoch (also under DDP, where its
-    ``DistributedSamplerWrapper`` forwards the call), and the order depends on nothing
-    else.
+    ``RandomSampler`` draws from global RNG state, so a run resumed from a checkpoint would
+    see a different order than an uninterrupted one. Here Lightning calls :meth:`set_epoch`
+    at the start of every epoch and the order depends on nothing else.
+
+    Under DDP, every rank draws the same global permutation and takes every
+    ``num_replicas``-th index from position ``rank`` (padded by wrapping, as
+    ``DistributedSampler`` does). With a per-rank batch ``B``, step ``k`` of all ranks
+    together then covers exactly ``perm[k*B*W : (k+1)*B*W]``: the same global batch that one
+    process with batch ``B*W`` sees, so single- and multi-process runs are comparable
+    step by step. Being a ``DistributedSampler``, Lightning does not wrap (and reshuffle) it.
 
     Args:
         num_samples: Length of the dataset.
         seed: Base seed.
+        num_replicas: Number of DDP processes.
+        rank: This process's rank.
     """
 
-    def __init__(self, num_samples: int, seed: int = 0) -> None:
-        self.num_samples = int(num_samples)
+    def __init__(self, num_samples: int, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        # DistributedSampler.__init__ wants a dataset and an initialised process group; set
+        # the attributes it (and Lightning) read directly instead.
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.dataset_size = int(num_samples)
         self.seed = int(seed)
         self.epoch = 0
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.shuffle = True
+        self.drop_last = False
+        self.num_samples = math.ceil(self.dataset_size / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation for ``epoch``."""
         self.epoch = int(epoch)
 
     def permutation(self) -> torch.Tensor:
-        """The current order: ``int64 [num_samples]``."""
+        """The current global order: ``int64 [dataset_size]``."""
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", str(self.epoch)))
-        return torch.randperm(self.num_samples, generator=gen)
+        return torch.randperm(self.dataset_size, generator=gen)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.permutation().tolist())
+        order = self.permutation().tolist()
+        if self.total_size > len(order):  # pad so every rank gets the same count
+            order += (order * math.ceil(self.total_size / max(len(order), 1)))[: self.total_size - len(order)]
+        return iter(order[self.rank : self.total_size : self.num_replicas])
 
     def __len__(self) -> int:
         return self.num_samples

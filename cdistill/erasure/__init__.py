@@ -1,0 +1,39 @@
+"""Linear concept erasure: LEACE (closed form), oracle LEACE, INLP, RLACE and ClArC.
+
+Every method produces a small frozen ``nn.Module`` mapping ``x [..., d] -> x' [..., d]``
+(:class:`LowRankEraser`; the oracle eraser also takes z), so a config switch compares them.
+Closed-form methods stream statistics with ``update()`` and then ``build()`` the eraser.
+"""
+
+from cdistill.erasure.base import LowRankEraser
+from cdistill.erasure.clarc import clarc_eraser, fit_clarc
+from cdistill.erasure.factory import METHODS, fit_eraser
+from cdistill.erasure.inlp import fit_inlp
+from cdistill.erasure.leace import LeaceEraser, LeaceFitter, LeaceInfo
+from cdistill.erasure.linalg import Whitener, oas_shrinkage
+from cdistill.erasure.moments import CrossMoments, encode_concept
+from cdistill.erasure.oracle import OracleEraser, build_oracle
+from cdistill.erasure.probe import LinearProbe, fit_logistic
+from cdistill.erasure.rlace import fantope_project, fit_rlace
+
+__all__ = [
+    "METHODS",
+    "CrossMoments",
+    "LeaceEraser",
+    "LeaceFitter",
+    "LeaceInfo",
+    "LinearProbe",
+    "LowRankEraser",
+    "OracleEraser",
+    "Whitener",
+    "build_oracle",
+    "clarc_eraser",
+    "encode_concept",
+    "fantope_project",
+    "fit_clarc",
+    "fit_eraser",
+    "fit_inlp",
+    "fit_logistic",
+    "fit_rlace",
+    "oas_shrinkage",
+]

@@ -1,0 +1,167 @@
+"""The frozen eraser every method produces: an affine edit of rank r stored as two factors.
+
+Every linear eraser in this package has the form
+
+    r(x) = x - L R^T (x - b)
+
+with ``L = proj_left [d, r]``, ``R = proj_right [d, r]`` and ``b = bias [d]``. LEACE gives an
+oblique projection (L != R); INLP, RLACE and ClArC give orthogonal ones (L == R, orthonormal).
+Storing the factors instead of the d x d matrix makes applying cost O(N d r) and the
+checkpoint O(d r), and one class lets a config switch swap methods freely.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cdistill.errors import CdistillError
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def check_finite(name: str, t: Tensor) -> None:
+    """Raise a clear error if ``t`` holds NaN or Inf (erasing such data would be silently wrong).
+
+    Args:
+        name: What ``t`` is, for the message (e.g. ``"x"``).
+        t: Any tensor; integer and bool tensors are always finite.
+    """
+    if not (t.is_floating_point() or t.is_complex()):
+        return
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        raise CdistillError(
+            f"{name} holds {int(bad.sum())} non-finite value(s) (NaN or Inf) out of {t.numel()}; "
+            "concept erasure needs finite inputs. Check the layer's activations or the labels."
+        )
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an eraser computes in for inputs of ``dtype``.
+
+    Half-precision inputs (float16, bfloat16) are upcast to float32: subtracting a large bias
+    and then a small correction in bfloat16 (8 mantissa bits) would lose most of the edit.
+    float32 and float64 inputs are computed in their own dtype.
+    """
+    return torch.float32 if dtype in _HALF else dtype
+
+
+class LowRankEraser(nn.Module):
+    """A frozen affine eraser ``r(x) = x - proj_left @ proj_right.T @ (x - bias)``.
+
+    The factors are buffers, so they go into ``state_dict``, move with ``.to(device)`` and
+    load into an eraser of any rank (buffers are resized on load).
+
+    Args:
+        proj_left: ``[d, r]`` left factor L of the edit ``P = L R^T``.
+        proj_right: ``[d, r]`` right factor R.
+        bias: ``[d]`` point the edit is centred on (the data mean for affine erasers, zeros
+            for linear ones). ``None`` means zeros.
+        method: Name of the method that produced the eraser (for logs and reprs).
+    """
+
+    proj_left: Tensor
+    proj_right: Tensor
+    bias: Tensor
+
+    def __init__(
+        self,
+        proj_left: Tensor,
+        proj_right: Tensor,
+        bias: Tensor | None = None,
+        *,
+        method: str = "linear",
+    ) -> None:
+        super().__init__()
+        if proj_left.ndim != 2 or proj_left.shape != proj_right.shape:
+            raise CdistillError(
+                "proj_left and proj_right must both have shape [d, r]; got "
+                f"{tuple(proj_left.shape)} and {tuple(proj_right.shape)}."
+            )
+        d = proj_left.shape[0]
+        if bias is None:
+            bias = proj_left.new_zeros(d)
+        if bias.shape != (d,):
+            raise CdistillError(f"bias must have shape [{d}]; got {tuple(bias.shape)}.")
+        self.method = method
+        self.register_buffer("proj_left", proj_left.detach().clone())
+        self.register_buffer("proj_right", proj_right.detach().clone())
+        self.register_buffer("bias", bias.detach().clone())
+
+    @classmethod
+    def identity(cls, dim: int, *, dtype: torch.dtype = torch.float64) -> LowRankEraser:
+        """An eraser of rank 0 that returns its input unchanged (for ``dim`` features)."""
+        empty = torch.zeros(dim, 0, dtype=dtype)
+        return cls(empty, empty, torch.zeros(dim, dtype=dtype), method="identity")
+
+    @property
+    def dim(self) -> int:
+        """Number of features d the eraser was fitted on."""
+        return int(self.proj_left.shape[0])
+
+    @property
+    def rank(self) -> int:
+        """Rank r of the edit (number of directions touched)."""
+        return int(self.proj_left.shape[1])
+
+    def projection(self) -> Tensor:
+        """The dense edit matrix ``P = L R^T`` ``[d, d]`` (for inspection and tests; O(d^2))."""
+        return self.proj_left @ self.proj_right.T
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Erase the concept from ``x``.
+
+        Half-precision inputs are computed in float32 and cast back once at the end; float32
+        and float64 inputs are computed in their own dtype (see :func:`compute_dtype`).
+
+        Args:
+            x: ``[..., d]`` features (any leading shape, e.g. ``[N, d]`` or ``[B, T, d]``).
+
+        Returns:
+            ``[..., d]`` erased features, same dtype and device as ``x``.
+        """
+        if x.shape[-1:] != (self.dim,):
+            raise CdistillError(
+                f"This eraser was fitted on d={self.dim} features, but the input has "
+                f"shape {tuple(x.shape)} (last dim {x.shape[-1] if x.ndim else 'none'}). For a "
+                "conv map [B, C, H, W] erase per position with x.movedim(1, -1) (d = C), or "
+                "flatten it (d = C*H*W) to match how the eraser was fitted."
+            )
+        if not x.is_floating_point():
+            raise CdistillError(f"x must be a floating tensor; got {x.dtype}.")
+        if self.rank == 0:
+            return x
+        ct = compute_dtype(x.dtype)
+        left = self.proj_left.to(ct)
+        right = self.proj_right.to(ct)
+        # Centre first: with large offsets, x @ R - b @ R would cancel catastrophically.
+        centred = x.to(ct) - self.bias.to(ct)
+        out = x.to(ct) - (centred @ right) @ left.T
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, dim={self.dim}, rank={self.rank}"
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # The rank (and even d) is only known once fitted; resize so that a freshly built
+        # eraser of any shape can receive a checkpoint.
+        for name in ("proj_left", "proj_right", "bias"):
+            incoming = state_dict.get(prefix + name)
+            current = getattr(self, name)
+            if isinstance(incoming, Tensor) and incoming.shape != current.shape:
+                setattr(self, name, current.new_empty(incoming.shape))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
