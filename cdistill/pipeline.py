@@ -27,11 +27,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cdistill.capture import collect_activations
-from cdistill.concepts import load_spec, preprocess
 from cdistill.errors import CdistillError
 from cdistill.students import create_student
-from cdistill.tcav import holm, run_tcav
+from cdistill.tcav_report import summary, tcav_table
 from cdistill.train import CONF_DIR, instantiate, train
 
 log = logging.getLogger(__name__)
@@ -70,33 +68,12 @@ def bias_tcav(model: torch.nn.Module, cfg: DictConfig, datamodule: Any) -> dict[
         classes) and ``tcav_significant`` (fraction of classes with corrected p < 0.05).
     """
     tc = cfg.pipeline.tcav
-    layer = str(tc.get("layer") or cfg.model.layer)
-    sets = load_spec(cfg.model.concepts.spec, channels=datamodule.num_channels, size=datamodule.image_size)
-    prep = {
-        name: preprocess(x, datamodule.normalize, channels=datamodule.num_channels, size=datamodule.image_size)
-        for name, x in sets.items()
-    }
-    model.eval()
-    acts = {name: collect_activations(model, layer, [x]) for name, x in prep.items()}
-    randoms = [acts[k] for k in sorted(acts) if k.startswith(f"{tc.random}/")]
-    val = datamodule.split("val")
-    images = torch.stack([val[i]["image"] for i in range(len(val))])
-    labels = torch.as_tensor([int(val[i]["label"]) for i in range(len(val))])
-    scores, pvals = [], []
-    for k in range(datamodule.num_classes):
-        concept = str(tc.concept).format(y=k)
-        res = run_tcav(
-            model, layer, images[labels == k], k, acts[concept], randoms,
-            solver=str(cfg.model.concepts.get("solver", "logistic")), target=str(tc.target), concept=concept,
-        )
-        scores.append(res.mean)
-        pvals.append(res.p_value)
-    corrected = holm(pvals)
-    return {
-        "tcav": float(np.mean(scores)),
-        "tcav_p": float(np.median(corrected)),
-        "tcav_significant": float(np.mean([p < 0.05 for p in corrected])),
-    }
+    scores = tcav_table(
+        model, datamodule, str(cfg.model.concepts.spec), str(tc.get("layer") or cfg.model.layer),
+        [str(tc.concept)], random=str(tc.random), target=str(tc.target),
+        solver=str(cfg.model.concepts.get("solver", "logistic")),
+    )
+    return summary(scores)
 
 
 def _tcav_of(ckpt: str, cfg: DictConfig, datamodule: Any) -> dict[str, float]:

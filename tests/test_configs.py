@@ -72,7 +72,9 @@ def test_logger_options(make_cfg: MakeCfg, name: str, monkeypatch: pytest.Monkey
 
 @pytest.mark.parametrize("name", options("callbacks"))
 def test_callback_options(make_cfg: MakeCfg, name: str) -> None:
-    cfg = make_cfg(f"callbacks={name}")
+    # The TCAV callback reads the concept settings of a concept-distillation experiment.
+    extra = ["experiment=color_mnist/cd"] if name == "tcav" else []
+    cfg = make_cfg(*extra, f"callbacks={name}")
     callbacks = instantiate_group(cfg.callbacks)
     assert all(isinstance(cb, pl.Callback) for cb in callbacks)
     assert (len(callbacks) == 0) == (name == "none")
