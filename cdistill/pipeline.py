@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from cdistill.errors import CdistillError
 from cdistill.students import create_student
 from cdistill.tcav_report import summary, tcav_table
-from cdistill.train import CONF_DIR, instantiate, train
+from cdistill.train import CONF_DIR, STUDENT_FILE, instantiate, train
 
 log = logging.getLogger(__name__)
 BASE_KEYS = ("student", "optimizer", "scheduler", "num_classes", "num_bias_groups")
@@ -142,16 +142,14 @@ def run_pipeline(cfg: DictConfig) -> list[dict[str, Any]]:
             run_cfg.seed = int(seed)
         out = root / f"seed{seed}"
         base_metrics = train(base_config(run_cfg, out / "base"))
-        base_ckpt = out / "base" / "checkpoints" / "last.ckpt"
-        if not base_ckpt.is_file():
-            raise CdistillError(f"The base run left no {base_ckpt}; keep the default callbacks (checkpointing).")
+        base_ckpt = out / "base" / STUDENT_FILE  # the base model's weights after its last epoch
         cd_metrics = train(distill_config(run_cfg, str(base_ckpt), out / "cd"))
         record: dict[str, Any] = {"seed": int(seed), "base": base_metrics, "cd": cd_metrics}
         if cfg.pipeline.tcav.enabled:
             datamodule = instantiate(run_cfg.data)
             datamodule.setup("fit")
             record["base"].update(_tcav_of(str(base_ckpt), run_cfg, datamodule))
-            cd_ckpt = out / "cd" / "checkpoints" / "last.ckpt"
+            cd_ckpt = out / "cd" / STUDENT_FILE
             record["cd"].update(_tcav_of(str(cd_ckpt), run_cfg, datamodule))
         per_seed.append(record)
     rows = summarize(per_seed, list(cfg.get("protocols") or {"last": None}))

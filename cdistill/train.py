@@ -25,6 +25,7 @@ from cdistill.errors import CdistillError
 from cdistill.students import check_input_channels
 
 log = logging.getLogger(__name__)
+STUDENT_FILE = "student.pt"
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
@@ -94,6 +95,15 @@ def protocol_checkpoints(
 
 def _as_floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, torch.Tensor | float | int)}
+
+
+@rank_zero_only
+def _save_student(model: pl.LightningModule, output_dir: str) -> None:
+    """The student's weights at the end of training, as a plain state dict: what
+    ``model.student.checkpoint_path`` takes (and what the pipeline fine-tunes from)."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    student = getattr(model, "student", model)
+    torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()}, Path(output_dir) / STUDENT_FILE)
 
 
 @rank_zero_only
@@ -167,6 +177,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics.update(_as_floats(trainer.callback_metrics))
+        _save_student(model, output_dir)
     if cfg.get("test", True):
         metrics.update(_test(trainer, model, datamodule, protocols, selectors))
     _report(metrics, output_dir, protocols)

@@ -134,11 +134,15 @@ def render_sweep_command(sweep: dict, program_args: list[str]) -> list[str]:
 def test_sweep_command_runs(sweep_file: Path, tmp_path: Path) -> None:
     sweep = yaml.safe_load(sweep_file.read_text())
     assert "${args_no_hyphens}" in sweep["command"]
-    cmd = render_sweep_command(sweep, ["debug=fdr", "data.max_train_samples=256", f"hydra.run.dir={tmp_path}/run"])
+    shrink = ["debug=fdr", "data.max_train_samples=256", f"hydra.run.dir={tmp_path}/run"]
+    pipeline = sweep["program"] == "pipeline.py"
+    if pipeline:  # one seed is enough to check that the command runs
+        shrink += ["pipeline.seeds=[0]", "pipeline.tcav.enabled=false"]
+    cmd = render_sweep_command(sweep, shrink)
     env = {**os.environ, "WANDB_MODE": "offline"}
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert (tmp_path / "run" / "metrics.json").is_file()
+    assert (tmp_path / "run" / ("pipeline.json" if pipeline else "metrics.json")).is_file()
 
 
 @pytest.mark.slow
@@ -154,3 +158,21 @@ def test_ddp_sim_runs_without_extra_output_dirs(tmp_path: Path) -> None:
     hydra_dirs = [p for p in (tmp_path / "logs" / "run").rglob(".hydra")]
     assert len(hydra_dirs) == 1
     assert not list((tmp_path / "logs" / "run").glob("*/.hydra"))
+
+
+def test_pipeline_writes_report(make_cfg: MakeCfg, tmp_path: Path) -> None:
+    from cdistill.pipeline import run_pipeline
+
+    cfg = make_cfg("experiment=color_mnist/cd", "debug=fdr", "data.max_train_samples=128", "pipeline.seeds=[0]")
+    records = run_pipeline(cfg)
+    out = Path(cfg.paths.output_dir)
+    assert (out / "seed0" / "base" / "student.pt").is_file()
+    assert (out / "seed0" / "cd" / "student.pt").is_file()
+    md = (out / "pipeline.md").read_text()
+    assert "| bias TCAV score |" in md and "| test acc (strict selection) |" in md
+    rows = (out / "pipeline.csv").read_text().splitlines()
+    assert rows[0] == "metric,base,cd" and len(rows) > 5
+    assert 0.0 <= records[0]["base"]["tcav"] <= 1.0 and 0.0 <= records[0]["cd"]["tcav"] <= 1.0
+    base = torch.load(out / "seed0" / "base" / "student.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in base.values())
+    assert "fc2.weight" in base
