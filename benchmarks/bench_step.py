@@ -37,10 +37,11 @@ def build(variant: dict[str, Any], layer: str) -> ClassifierModule:
     return ConceptDistillModule(layer=layer, concepts=concepts, **variant, **common)
 
 
-def time_steps(module: ClassifierModule, batch: dict[str, torch.Tensor], steps: int, device: torch.device) -> list[float]:
-    opt = torch.optim.Adam(module.parameters(), lr=1e-3)
+def time_steps(
+    module: ClassifierModule, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor], steps: int, device: torch.device
+) -> list[float]:
     times = []
-    for i in range(steps + 5):
+    for i in range(steps + 2):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -49,7 +50,7 @@ def time_steps(module: ClassifierModule, batch: dict[str, torch.Tensor], steps: 
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i >= 5:  # warm-up
+        if i >= 2:  # warm-up
             times.append(time.perf_counter() - t0)
     return times
 
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--layer", default="conv2")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -70,14 +72,21 @@ def main() -> None:
     batch = {k: v[: args.batch_size].to(device) for k, v in batch.items()}
     print(f"# step time, batch {args.batch_size}, layer {args.layer}, {args.steps} steps, "
           f"threads {torch.get_num_threads()}, device {device}, {platform.processor() or platform.machine()}")
-    print("| variant | median ms | ratio to plain |\n|---|---|---|")
-    base = None
+    modules = {}
     for name, variant in VARIANTS.items():
         module = build(variant, args.layer).to(device)
         if isinstance(module, ConceptDistillModule):
             module.fit_artefacts(dm)
-        med = statistics.median(time_steps(module, batch, args.steps, device)) * 1000
-        base = base or med
+        modules[name] = (module, torch.optim.Adam(module.parameters(), lr=1e-3))
+    # Round-robin over variants so that machine noise and warm-up hit all of them alike.
+    times: dict[str, list[float]] = {name: [] for name in modules}
+    for _ in range(args.rounds):
+        for name, (module, opt) in modules.items():
+            times[name] += time_steps(module, opt, batch, args.steps // args.rounds, device)
+    print("| variant | median ms | ratio to plain |\n|---|---|---|")
+    base = statistics.median(times["plain"]) * 1000
+    for name, ts in times.items():
+        med = statistics.median(ts) * 1000
         print(f"| {name} | {med:.2f} | {med / base:.2f}x |")
 
 
