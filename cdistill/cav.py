@@ -42,8 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from cdistill.buffers import FittedBuffers
 from cdistill.errors import CdistillError, unknown_name
 
 MIN_ACCURACY = 0.7  # held-out accuracy gate used in the Concept Distillation paper
@@ -502,7 +503,7 @@ def gate_cavs(results: Iterable[CAVResult], min_accuracy: float = MIN_ACCURACY) 
 _META_KEYS = ("concepts", "negatives", "layers", "solvers")
 
 
-class CAVBank(nn.Module):
+class CAVBank(FittedBuffers):
     """Fitted CAVs as module buffers, so checkpoints carry them and ``.to()`` moves them.
 
     Buffers: ``vectors [m, d]`` (unit rows), ``biases [m]``, ``accuracies [m]``
@@ -515,6 +516,7 @@ class CAVBank(nn.Module):
     vectors: Tensor
     biases: Tensor
     accuracies: Tensor
+    resizable = ("vectors", "biases", "accuracies")
 
     def __init__(self, results: Sequence[CAVResult] = ()) -> None:
         super().__init__()
@@ -607,27 +609,6 @@ class CAVBank(nn.Module):
     def set_extra_state(self, state: Any) -> None:
         for key in _META_KEYS:
             setattr(self, key, [str(s) for s in state[key]])
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # The bank's size is data, not architecture: adopt the checkpoint's shapes so a
-        # freshly built (empty) bank can load any saved one.
-        for name in ("vectors", "biases", "accuracies"):
-            incoming = state_dict.get(prefix + name)
-            current = getattr(self, name)
-            if isinstance(incoming, Tensor) and incoming.shape != current.shape:
-                setattr(self, name, current.new_empty(incoming.shape))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def save(self, path: str | Path) -> None:
         """Write the bank to ``path`` (loadable with ``torch.load(weights_only=True)``)."""

@@ -8,22 +8,36 @@ Concept artefacts (a CAV bank and class prototypes at ``layer``) are fitted on t
 it is when training starts — in the pipeline, the biased base model — unless a checkpoint
 already holds them. They are buffers: checkpoints carry them, ``.to(device)`` moves them, and
 under DDP rank 0's values are broadcast so every rank holds identical ones.
+
+With ``erasure`` set, linear concept erasers (DESIGN.md section 4) are fitted at the same time
+for the bias concept at the named layers and applied as forward hooks in every training and
+evaluation forward; ``lambda_c`` may be 0 for erasure alone.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
 from cdistill.capture import capture, collect_activations, resolve_module
 from cdistill.cav import CAVBank, fit_cav
 from cdistill.concepts import load_spec, preprocess
+from cdistill.erasure import LowRankEraser
+from cdistill.erasure.hooks import (
+    ErasureSpec,
+    bias_probe_accuracy,
+    erase,
+    eraser_key,
+    fit_layer_erasers,
+    specs_from_config,
+)
 from cdistill.errors import CdistillError
 from cdistill.losses import (
     DIRECTIONS,
@@ -65,6 +79,11 @@ class ConceptDistillModule(ClassifierModule):
             ``refresh_every_n_epochs`` (0: fixed) and ``ema`` (weight of fresh centres).
         local: ``mask`` (``foreground`` or ``corners``), ``threshold`` and ``fraction``
             (foreground pixels sampled).
+        erasure: ``layers`` (module paths, in forward order), ``mode`` (``position``,
+            ``flatten`` or ``token``), ``method`` (``leace`` ... see
+            :data:`cdistill.erasure.METHODS`), ``concept`` (batch key of the concept ids,
+            ``bias``), ``positive`` (ClArC), ``options`` and ``refit_every_n_steps`` (0: fitted
+            once on the base model). ``None``: no erasure.
         fit_batch_size: Batch size for computing activations when fitting artefacts.
         **kwargs: :class:`ClassifierModule` arguments (``student``, ``optimizer`` ...).
     """
@@ -79,6 +98,7 @@ class ConceptDistillModule(ClassifierModule):
         concepts: Mapping[str, Any] | None = None,
         prototypes: Mapping[str, Any] | None = None,
         local: Mapping[str, Any] | None = None,
+        erasure: Mapping[str, Any] | None = None,
         fit_batch_size: int = 500,
         **kwargs: Any,
     ) -> None:
@@ -86,6 +106,7 @@ class ConceptDistillModule(ClassifierModule):
         concepts = dict(to_plain(concepts) or {})
         prototypes = dict(to_plain(prototypes) or {})
         local = dict(to_plain(local) or {})
+        erasure = dict(to_plain(erasure) or {}) or None
         if form not in FORMS:
             raise CdistillError(f"model.form={form!r}: use one of {FORMS}.")
         terms = list(concepts.get("terms") or [])
@@ -95,11 +116,14 @@ class ConceptDistillModule(ClassifierModule):
             if t.get("direction", "desensitize") not in DIRECTIONS:
                 raise CdistillError(f"Concept term {t}: direction must be one of {DIRECTIONS}.")
         resolve_module(self.student, layer)  # a wrong layer fails now, listing close names
+        self.erasure_specs: list[ErasureSpec] = specs_from_config(erasure) if erasure else []
+        for spec in self.erasure_specs:
+            resolve_module(self.student, spec.layer)
         self.save_hyperparameters(
             {
                 "layer": layer, "form": form, "lambda_c": lambda_c, "lambda_p": lambda_p,
                 "lambda_l": lambda_l, "concepts": concepts, "prototypes": prototypes,
-                "local": local, "fit_batch_size": fit_batch_size,
+                "local": local, "erasure": erasure, "fit_batch_size": fit_batch_size,
             }
         )
         self.layer = layer
@@ -107,6 +131,8 @@ class ConceptDistillModule(ClassifierModule):
         num_classes = self.hparams["num_classes"]
         self.cavs = CAVBank()
         self.prototypes = Prototypes()
+        # Placeholders (resized when a checkpoint is loaded, see LowRankEraser).
+        self.erasers = nn.ModuleDict({eraser_key(s.layer): LowRankEraser.identity(1) for s in self.erasure_specs})
         self.register_buffer("cav_index", torch.full((len(terms), num_classes), -1, dtype=torch.long))
         self.register_buffer("term_weights", torch.tensor([float(t.get("weight", 1.0)) for t in terms]))
         self.register_buffer(
@@ -231,8 +257,31 @@ class ConceptDistillModule(ClassifierModule):
             log.info("fitted %d CAVs at %s: accuracies %s", len(bank), self.layer, [round(float(a), 3) for a in bank.accuracies])
         if self.needs_prototypes:
             self.prototypes = self.fit_prototypes(datamodule).to(self.device)
+        if self.erasure_specs:
+            self.fit_erasers(datamodule)
         self._broadcast_artefacts()
         self.artefacts_fitted = torch.tensor(True, device=self.device)
+
+    def fit_erasers(self, datamodule: Any) -> None:
+        """Fit the erasers on the whole train split with the current student.
+
+        Every rank streams the whole split through a plain loader (no DistributedSampler, so
+        no padded duplicates are counted); :meth:`_broadcast_artefacts` then gives all ranks
+        rank 0's buffers, bitwise.
+        """
+        train = datamodule.split("train")
+        loader = torch.utils.data.DataLoader(train, batch_size=self.hparams["fit_batch_size"], shuffle=False)
+        fitted = fit_layer_erasers(self.student, self.erasure_specs, loader, self.hparams["num_bias_groups"])
+        for layer, eraser in fitted.items():
+            self.erasers[eraser_key(layer)] = eraser.float().to(self.device)
+        log.info("fitted erasers: %s", {k: repr(v) for k, v in self.erasers.items()})
+
+    def _erasing(self) -> AbstractContextManager[None]:
+        """Context applying the erasers, once fitted (before that, e.g. a bare module: none)."""
+        if not self.erasure_specs or not bool(self.artefacts_fitted):
+            return nullcontext()
+        erasers = {s.layer: self.erasers[eraser_key(s.layer)] for s in self.erasure_specs}
+        return erase(self.student, erasers, {s.layer: s.mode for s in self.erasure_specs})
 
     def _broadcast_artefacts(self) -> None:
         trainer = self._trainer
@@ -245,6 +294,9 @@ class ConceptDistillModule(ClassifierModule):
             setattr(owner, name, value.to(self.device))
         meta = strategy.broadcast(self.cavs.get_extra_state(), src=0)
         self.cavs.set_extra_state(meta)
+        for eraser in self.erasers.values():
+            for name, buf in list(eraser.named_buffers()):
+                setattr(eraser, name, strategy.broadcast(buf.cpu(), src=0).to(self.device))
 
     def on_fit_start(self) -> None:
         # Artefacts restored from a checkpoint are kept: resuming must not refit them.
@@ -260,8 +312,12 @@ class ConceptDistillModule(ClassifierModule):
             self._broadcast_artefacts()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        every = int(self.hparams["concepts"].get("refresh_every_n_steps", 0))
         step = self.global_step
+        refit = int((self.hparams["erasure"] or {}).get("refit_every_n_steps", 0))
+        if self.erasure_specs and refit > 0 and step > 0 and step % refit == 0:
+            self.fit_erasers(self.trainer.datamodule)  # type: ignore[attr-defined]
+            self._broadcast_artefacts()
+        every = int(self.hparams["concepts"].get("refresh_every_n_steps", 0))
         if not self.needs_cavs or every <= 0 or step == 0 or step % every:
             return
         acts = self.concept_activations(self.trainer.datamodule)  # type: ignore[attr-defined]
@@ -294,7 +350,8 @@ class ConceptDistillModule(ClassifierModule):
         x, y = batch["image"], batch["label"]
         if hp["lambda_l"] > 0:
             x = x.detach().requires_grad_(True)
-        with capture(self.student, self.layer, check_finite=False) as store:
+        # The erasure hooks go first, so a concept loss at an erased layer sees erased activations.
+        with self._erasing(), capture(self.student, self.layer, check_finite=False) as store:
             logits = self.student(x)
         acts = store[self.layer]
         task = F.cross_entropy(logits, y)
@@ -317,6 +374,39 @@ class ConceptDistillModule(ClassifierModule):
             out["local"] = local_loss(x, logits, y, self._local_mask(x.detach()))
             loss = loss + hp["lambda_l"] * out["local"]
         out["loss"] = loss
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[B, num_classes]`` of the student, with the erasers applied."""
+        with self._erasing():
+            return self.student(x)
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        if self.erasure_specs and bool(self.artefacts_fitted):
+            self.log_dict(self.bias_probe(self.trainer.datamodule), sync_dist=False)  # type: ignore[attr-defined]
+
+    def bias_probe(self, datamodule: Any) -> dict[str, float]:
+        """Held-out accuracy of a linear probe for the concept at each erased layer, with and
+        without the erasers, on the ``val`` split (never used to fit them).
+
+        Returns:
+            ``test/bias_probe_acc`` (erased), ``test/bias_probe_acc_unerased`` and
+            ``test/bias_probe_chance``; with several layers the keys end in ``/<layer>``.
+        """
+        loader = torch.utils.data.DataLoader(datamodule.split("val"), batch_size=self.hparams["fit_batch_size"])
+        erasers = {s.layer: self.erasers[eraser_key(s.layer)] for s in self.erasure_specs}
+        modes = {s.layer: s.mode for s in self.erasure_specs}
+        nb = self.hparams["num_bias_groups"]
+        out: dict[str, float] = {}
+        for spec in self.erasure_specs:
+            suffix = f"/{spec.layer}" if len(self.erasure_specs) > 1 else ""
+            after = bias_probe_accuracy(self.student, spec.layer, spec.mode, loader, nb, erasers=erasers,
+                                        modes=modes, concept=spec.concept)
+            before = bias_probe_accuracy(self.student, spec.layer, spec.mode, loader, nb, concept=spec.concept)
+            out[f"test/bias_probe_acc{suffix}"] = after["acc"]
+            out[f"test/bias_probe_acc_unerased{suffix}"] = before["acc"]
+            out[f"test/bias_probe_chance{suffix}"] = after["chance"]
         return out
 
     def extra_terms(self) -> Sequence[str]:

@@ -9,14 +9,13 @@ mean.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 import torch.distributed as dist
 from scipy.optimize import linear_sum_assignment
-from torch import Tensor, nn
+from torch import Tensor
 
+from cdistill.buffers import FittedBuffers
 from cdistill.errors import CdistillError
 
 
@@ -95,7 +94,7 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-class Prototypes(nn.Module):
+class Prototypes(FittedBuffers):
     """Class prototypes as a buffer ``centers [num_classes, K, d]``.
 
     Being a buffer, the centres travel with ``.to(device)`` and with checkpoints; a
@@ -103,6 +102,7 @@ class Prototypes(nn.Module):
     """
 
     centers: Tensor
+    resizable = ("centers",)
 
     def __init__(self, centers: Tensor | None = None) -> None:
         super().__init__()
@@ -206,24 +206,6 @@ class Prototypes(nn.Module):
         if tuple(shape.tolist()) != tuple(self.centers.shape):
             self.centers = self.centers.new_empty(tuple(shape.tolist()))
         dist.broadcast(self.centers, src)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # The number of classes/prototypes/dims is data: adopt the checkpoint's shape.
-        incoming = state_dict.get(prefix + "centers")
-        if isinstance(incoming, Tensor) and incoming.shape != self.centers.shape:
-            self.centers = self.centers.new_empty(incoming.shape)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, k={self.k}, d={self.dim}"

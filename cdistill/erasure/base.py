@@ -12,11 +12,10 @@ checkpoint O(d r), and one class lets a config switch swap methods freely.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from cdistill.buffers import FittedBuffers
 from cdistill.errors import CdistillError
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -49,7 +48,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
-class LowRankEraser(nn.Module):
+class LowRankEraser(FittedBuffers):
     """A frozen affine eraser ``r(x) = x - proj_left @ proj_right.T @ (x - bias)``.
 
     The factors are buffers, so they go into ``state_dict``, move with ``.to(device)`` and
@@ -66,6 +65,7 @@ class LowRankEraser(nn.Module):
     proj_left: Tensor
     proj_right: Tensor
     bias: Tensor
+    resizable = ("proj_left", "proj_right", "bias")
 
     def __init__(
         self,
@@ -87,8 +87,10 @@ class LowRankEraser(nn.Module):
         if bias.shape != (d,):
             raise CdistillError(f"bias must have shape [{d}]; got {tuple(bias.shape)}.")
         self.method = method
-        self.register_buffer("proj_left", proj_left.detach().clone())
-        self.register_buffer("proj_right", proj_right.detach().clone())
+        # Contiguous copies: the matmul kernel (and so the last bit of the output) depends on
+        # strides, and a reloaded checkpoint must compute exactly what the fitted eraser did.
+        self.register_buffer("proj_left", proj_left.detach().contiguous().clone())
+        self.register_buffer("proj_right", proj_right.detach().contiguous().clone())
         self.register_buffer("bias", bias.detach().clone())
 
     @classmethod
@@ -145,23 +147,3 @@ class LowRankEraser(nn.Module):
     def extra_repr(self) -> str:
         return f"method={self.method!r}, dim={self.dim}, rank={self.rank}"
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # The rank (and even d) is only known once fitted; resize so that a freshly built
-        # eraser of any shape can receive a checkpoint.
-        for name in ("proj_left", "proj_right", "bias"):
-            incoming = state_dict.get(prefix + name)
-            current = getattr(self, name)
-            if isinstance(incoming, Tensor) and incoming.shape != current.shape:
-                setattr(self, name, current.new_empty(incoming.shape))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
