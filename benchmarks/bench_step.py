@@ -2,8 +2,8 @@
 
     python benchmarks/bench_step.py --batch-size 64 --steps 30 --threads 2 [--device cuda]
 
-A "step" is forward + loss + backward + Adam update, as in training. Targets (issue 3):
-prototype form <= 1.15x the plain step, logit form <= 2x.
+A "step" is forward + loss + backward + Adam update, as in training. Targets: prototype form
+<= 1.15x the plain step, logit form <= 2x (issue 3); an erasure hook <= 1.05x (issue 5).
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "logit form": {"lambda_c": 1.0, "form": "logit"},
     "prototype form + L": {"lambda_c": 1.0, "form": "prototype", "lambda_l": 1.0},
     "prototype loss only": {"lambda_c": 0.0, "lambda_p": 1.0},
+    # Erasure hooks alone (issue 5 target: <= 1.05x): LEACE of the 10 colour classes.
+    "LEACE hook, conv1 per position": {"lambda_c": 0.0, "erasure": {"layers": ["conv1"], "mode": "position"}},
+    "LEACE hook, conv2 per position": {"lambda_c": 0.0, "erasure": {"layers": ["conv2"], "mode": "position"}},
+    "LEACE hook, conv2 flattened": {"lambda_c": 0.0, "erasure": {"layers": ["conv2"], "mode": "flatten"}},
 }
 
 

@@ -82,8 +82,8 @@ class ConceptDistillModule(ClassifierModule):
         erasure: ``layers`` (module paths, in forward order), ``mode`` (``position``,
             ``flatten`` or ``token``), ``method`` (``leace`` ... see
             :data:`cdistill.erasure.METHODS`), ``concept`` (batch key of the concept ids,
-            ``bias``), ``positive`` (ClArC), ``options`` and ``refit_every_n_steps`` (0: fitted
-            once on the base model). ``None``: no erasure.
+            ``bias``), ``positive`` (ClArC), ``options``, ``refit_every_n_steps`` and
+            ``refit_every_n_epochs`` (0 and 0: fitted once on the base model). ``None``: no erasure.
         fit_batch_size: Batch size for computing activations when fitting artefacts.
         **kwargs: :class:`ClassifierModule` arguments (``student``, ``optimizer`` ...).
     """
@@ -276,6 +276,23 @@ class ConceptDistillModule(ClassifierModule):
             self.erasers[eraser_key(layer)] = eraser.float().to(self.device)
         log.info("fitted erasers: %s", {k: repr(v) for k, v in self.erasers.items()})
 
+    def _refit_due(self, step: int, batch_idx: int) -> bool:
+        """Refit the erasers now? Every ``refit_every_n_steps`` steps, and/or after the last
+        batch of every ``refit_every_n_epochs``-th epoch, so that validation, the checkpoint
+        and the test see erasers fitted on the weights they evaluate. (The student keeps
+        training under a frozen eraser and moves the concept into directions it does not
+        touch: without refits a probe after fine-tuning finds the concept again.)"""
+        cfg = self.hparams["erasure"] or {}
+        every_steps = int(cfg.get("refit_every_n_steps", 0))
+        every_epochs = int(cfg.get("refit_every_n_epochs", 0))
+        if every_steps > 0 and step > 0 and step % every_steps == 0:
+            return True
+        trainer = self._trainer
+        if every_epochs <= 0 or trainer is None:
+            return False
+        last_batch = batch_idx + 1 >= int(trainer.num_training_batches)
+        return last_batch and (self.current_epoch + 1) % every_epochs == 0
+
     def _erasing(self) -> AbstractContextManager[None]:
         """Context applying the erasers, once fitted (before that, e.g. a bare module: none)."""
         if not self.erasure_specs or not bool(self.artefacts_fitted):
@@ -313,8 +330,7 @@ class ConceptDistillModule(ClassifierModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = self.global_step
-        refit = int((self.hparams["erasure"] or {}).get("refit_every_n_steps", 0))
-        if self.erasure_specs and refit > 0 and step > 0 and step % refit == 0:
+        if self.erasure_specs and self._refit_due(step, batch_idx):
             self.fit_erasers(self.trainer.datamodule)  # type: ignore[attr-defined]
             self._broadcast_artefacts()
         every = int(self.hparams["concepts"].get("refresh_every_n_steps", 0))

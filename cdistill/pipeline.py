@@ -104,10 +104,20 @@ def summarize(per_seed: Sequence[Mapping[str, Mapping[str, float]]], protocols: 
         for key, label in ROWS:
             rows.append({"metric": f"{label} ({proto} selection)", "base": cell("base", f"{proto}/{key}", 100),
                          "cd": cell("cd", f"{proto}/{key}", 100)})
+    # Erasure runs: a fresh linear probe for the bias at the erased layer (val split).
+    probes = (("test/bias_probe_acc", "bias probe acc, erasers on"),
+              ("test/bias_probe_acc_unerased", "bias probe acc, erasers off"),
+              ("test/bias_probe_chance", "bias probe chance (majority rate)"))
+    for key, label in probes:
+        if any(f"{protocols[0]}/{key}" in r["cd"] for r in per_seed):
+            for proto in protocols:
+                rows.append({"metric": f"{label} ({proto} selection)", "base": "-",
+                             "cd": cell("cd", f"{proto}/{key}", 100)})
     for key, label in (("val/acc", "val acc (in-distribution, last epoch)"),):
         rows.append({"metric": label, "base": cell("base", key, 100), "cd": cell("cd", key, 100)})
-    rows.append({"metric": "bias TCAV score", "base": cell("base", "tcav", 1), "cd": cell("cd", "tcav", 1)})
-    rows.append({"metric": "bias TCAV p (Holm, median)", "base": cell("base", "tcav_p", 1), "cd": cell("cd", "tcav_p", 1)})
+    if any("tcav" in r["base"] for r in per_seed):
+        rows.append({"metric": "bias TCAV score", "base": cell("base", "tcav", 1), "cd": cell("cd", "tcav", 1)})
+        rows.append({"metric": "bias TCAV p (Holm, median)", "base": cell("base", "tcav_p", 1), "cd": cell("cd", "tcav_p", 1)})
     return rows
 
 

@@ -236,3 +236,28 @@ def test_ddp_sim_erasers_match_single_process(tmp_path: Path) -> None:
         assert torch.allclose(single[key].double(), ddp[key].double(), atol=1e-6), key
     for key in (k for k in single if k.startswith("student.")):
         assert torch.allclose(single[key], ddp[key], atol=1e-5, rtol=1e-4), key
+
+
+def test_refit_every_epoch_fits_on_the_final_weights(dm: ColorMNISTDataModule) -> None:
+    """After training with refit_every_n_epochs=1 the erasers are those of the trained
+    student; with no refit they stay those of the starting weights."""
+    import pytorch_lightning as pl
+
+    def fit(refit: int) -> tuple[ConceptDistillModule, dict[str, LowRankEraser]]:
+        torch.manual_seed(0)
+        module = make(erasure={**ERASURE, "refit_every_n_epochs": refit},
+                      optimizer={"_target_": "torch.optim.SGD", "lr": 0.5})
+        module.fit_artefacts(dm)
+        start = {k: LowRankEraser(v.proj_left, v.proj_right, v.bias) for k, v in module.erasers.items()}
+        trainer = pl.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, datamodule=dm)
+        return module, start
+
+    module, start = fit(1)
+    loader = torch.utils.data.DataLoader(dm.split("train"), batch_size=module.hparams["fit_batch_size"])
+    fresh = fit_layer_erasers(module.student, [ErasureSpec("conv1")], loader, 10)["conv1"]
+    assert not torch.allclose(start["conv1"].projection(), module.erasers["conv1"].projection())
+    torch.testing.assert_close(module.erasers["conv1"].projection(), fresh.projection().float())
+    frozen, start = fit(0)
+    assert torch.equal(frozen.erasers["conv1"].projection(), start["conv1"].projection())

@@ -378,7 +378,9 @@ def test_relative_svd_tolerance_drops_and_reports_weak_directions() -> None:
     # Relative: only the ratio of the two directions matters, not the overall strength of
     # the concept (an absolute tolerance drops a weak concept entirely) nor the units of x
     # and z.
-    for strength, x_scale, z_scale in ((1.0, 1.0, 1.0), (1e-8, 1e3, 1e-8), (1e-9, 1e-6, 1e4)):
+    # (The strength stays well above rounding: Cov(noise, z) is ~1e-16, not exactly 0, and at a
+    # strength near 1e-9 the 1e-9-weaker direction would sit at the 1e-7 tolerance itself.)
+    for strength, x_scale, z_scale in ((1.0, 1.0, 1.0), (1e-4, 1e3, 1e-8), (1e-5, 1e-6, 1e4)):
         mix = torch.zeros(2, d, dtype=F64)
         mix[0, 0], mix[1, 1] = strength, strength * 1e-9  # second direction 1e-9 as strong
         x = noise + zc @ mix
@@ -593,3 +595,21 @@ def test_cuda_fit_and_apply_match_cpu() -> None:
     out = e_gpu(x.cuda().bfloat16())
     assert out.dtype == torch.bfloat16 and out.is_cuda
     assert residual(e_gpu, x.cuda(), one_hot(z, 5).cuda()) < 1e-6
+
+
+@pytest.mark.parametrize("channels, rank, spatial", [(6, 2, (5, 7)), (40, 2, (3, 3)), (12, 3, (9,))])
+def test_erase_channels_equals_rows(channels: int, rank: int, spatial: tuple[int, ...]) -> None:
+    # Dense branch (C <= 8r), low-rank branch (C > 8r) and a 1-D map all equal the row form.
+    g = torch.Generator().manual_seed(21)
+    left, right = torch.randn(channels, rank, generator=g), torch.randn(channels, rank, generator=g)
+    eraser = LowRankEraser(left, right, torch.randn(channels, generator=g))
+    x = torch.randn(4, channels, *spatial, generator=g, dtype=F64)
+    expected = eraser(x.movedim(1, -1)).movedim(-1, 1)
+    got = eraser.erase_channels(x)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    half = eraser.erase_channels(x.float().half())
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.double(), expected, rtol=1e-2, atol=2e-2)
+    with pytest.raises(CdistillError, match=f"d={channels} channels"):
+        eraser.erase_channels(x[:, :-1])

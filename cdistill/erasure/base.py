@@ -144,6 +144,44 @@ class LowRankEraser(FittedBuffers):
         out = x.to(ct) - (centred @ right) @ left.T
         return out.to(x.dtype)
 
+    def erase_channels(self, x: Tensor) -> Tensor:
+        """Erase along dim 1 of a channel-first map, without moving the channels last.
+
+        Equals ``forward(x.movedim(1, -1)).movedim(-1, 1)`` (up to rounding), but works in the
+        map's own layout with one batched matmul: moving channels last makes a strided copy
+        on the way in and leaves a channels-last tensor for the next layers, which cost more
+        than the erasure itself on a small conv map. For few channels (``C <= 8 r``) the dense
+        form ``(I - P) x + P b`` is one fused ``baddbmm``; otherwise the low-rank form
+        ``x - L (R^T (x - b))`` keeps the cost at O(C r) per position.
+
+        Args:
+            x: ``[B, C, *spatial]`` map (e.g. a conv output ``[B, C, H, W]``), C = :attr:`dim`.
+
+        Returns:
+            The erased map, same shape, dtype and device as ``x``.
+        """
+        if x.ndim < 3 or x.shape[1] != self.dim:
+            raise CdistillError(
+                f"This eraser was fitted on d={self.dim} channels, but the map has shape "
+                f"{tuple(x.shape)}; erase_channels needs [B, {self.dim}, ...]."
+            )
+        if not x.is_floating_point():
+            raise CdistillError(f"x must be a floating tensor; got {x.dtype}.")
+        if self.rank == 0:
+            return x
+        ct = compute_dtype(x.dtype)
+        b, c = x.shape[:2]
+        flat = x.to(ct).reshape(b, c, -1)  # [B, C, S]
+        left, right, bias = self.proj_left.to(ct), self.proj_right.to(ct), self.bias.to(ct)
+        if c <= 8 * self.rank:
+            proj = left @ right.T  # [C, C]
+            keep = torch.eye(c, dtype=ct, device=x.device) - proj
+            out = torch.baddbmm((proj @ bias)[None, :, None], keep.expand(b, c, c), flat)
+        else:
+            coords = torch.matmul(right.T, flat - bias[:, None])  # [B, r, S]
+            out = torch.baddbmm(flat, left.expand(b, c, self.rank), coords, alpha=-1)
+        return out.view(x.shape).to(x.dtype)
+
     def extra_repr(self) -> str:
         return f"method={self.method!r}, dim={self.dim}, rank={self.rank}"
 

@@ -181,7 +181,11 @@ def erase(
         layer_mode = mode if isinstance(mode, str) else mode[layer]
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> Tensor:
-            rows, back = to_rows(_tensor_output(layer, output), layer_mode, layer)
+            out = _tensor_output(layer, output)
+            if layer_mode == "position" and isinstance(eraser, LowRankEraser) and out.ndim >= 3:
+                _check_dim(layer, layer_mode, out.movedim(1, -1), eraser)
+                return eraser.erase_channels(out)  # in place of movedim: see erase_channels
+            rows, back = to_rows(out, layer_mode, layer)
             _check_dim(layer, layer_mode, rows, eraser)
             return back(eraser(rows))  # the eraser returns the activation's dtype
 
