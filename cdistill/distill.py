@@ -17,11 +17,12 @@ evaluation forward; ``lambda_c`` may be 0 for erasure alone.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from cdistill.capture import capture, collect_activations, resolve_module
 from cdistill.cav import CAVBank, fit_cav
 from cdistill.concepts import load_spec, preprocess
-from cdistill.erasure import LowRankEraser
+from cdistill.erasure import LeaceFitter, LowRankEraser
 from cdistill.erasure.hooks import (
     ErasureSpec,
     bias_probe_accuracy,
@@ -265,13 +266,23 @@ class ConceptDistillModule(ClassifierModule):
     def fit_erasers(self, datamodule: Any) -> None:
         """Fit the erasers on the whole train split with the current student.
 
-        Every rank streams the whole split through a plain loader (no DistributedSampler, so
-        no padded duplicates are counted); :meth:`_broadcast_artefacts` then gives all ranks
-        rank 0's buffers, bitwise.
+        Under DDP with streaming methods (LEACE, orth) rank r streams samples r, r + W, ...
+        (every sample exactly once: no DistributedSampler padding is counted twice, and
+        unequal shards are fine) and the statistics are summed across ranks before the build.
+        Other methods keep activations in memory and fit on the whole split on every rank.
+        Either way :meth:`_broadcast_artefacts` then gives all ranks rank 0's buffers, bitwise.
         """
         train = datamodule.split("train")
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        reduce: Callable[[LeaceFitter], object] | None = None
+        if world > 1 and dist.is_initialized() and all(s.streaming for s in self.erasure_specs):
+            assert trainer is not None
+            train = torch.utils.data.Subset(train, range(trainer.global_rank, len(train), world))
+            reduce = LeaceFitter.all_reduce_
         loader = torch.utils.data.DataLoader(train, batch_size=self.hparams["fit_batch_size"], shuffle=False)
-        fitted = fit_layer_erasers(self.student, self.erasure_specs, loader, self.hparams["num_bias_groups"])
+        fitted = fit_layer_erasers(self.student, self.erasure_specs, loader, self.hparams["num_bias_groups"],
+                                   reduce=reduce)
         for layer, eraser in fitted.items():
             self.erasers[eraser_key(layer)] = eraser.float().to(self.device)
         log.info("fitted erasers: %s", {k: repr(v) for k, v in self.erasers.items()})

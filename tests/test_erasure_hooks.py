@@ -227,13 +227,23 @@ def _run(tmp: Path, name: str, extra: list[str]) -> dict[str, Tensor]:
 def test_ddp_sim_erasers_match_single_process(tmp_path: Path) -> None:
     """2 gloo processes (batch 16 each) == 1 process (batch 32): the same eraser, and after one
     SGD step through the erasure hook the same weights."""
-    single = _run(tmp_path, "single", ["trainer=cpu", "data.batch_size=32"])
-    ddp = _run(tmp_path, "ddp", ["trainer=ddp_sim", "data.batch_size=16"])
+    # No refit: the eraser in the checkpoint is the one fitted when training started, from
+    # statistics each rank streamed over its own shard and summed across ranks.
+    fixed = "model.erasure.refit_every_n_epochs=0"
+    single = _run(tmp_path, "single", ["trainer=cpu", "data.batch_size=32", fixed])
+    ddp = _run(tmp_path, "ddp", ["trainer=ddp_sim", "data.batch_size=16", fixed])
     keys = [k for k in single if k.startswith("erasers.conv1.")]
     assert {k.rsplit(".", 1)[1] for k in keys} == {"proj_left", "proj_right", "bias"}
-    for key in keys:
-        assert single[key].shape[1:] == ddp[key].shape[1:] and single[key].numel() > 0, key
-        assert torch.allclose(single[key].double(), ddp[key].double(), atol=1e-6), key
+    # The factors are unique only up to a rotation within the erased subspace (and the ranks
+    # sum sharded statistics, equal up to rounding): compare the edit P = L R^T and the bias.
+    def edit(state: dict[str, Tensor]) -> Tensor:
+        return state["erasers.conv1.proj_left"].double() @ state["erasers.conv1.proj_right"].double().T
+
+    assert single["erasers.conv1.proj_left"].shape == ddp["erasers.conv1.proj_left"].shape
+    assert single["erasers.conv1.proj_left"].numel() > 0
+    rel = torch.linalg.norm(edit(single) - edit(ddp)) / torch.linalg.norm(edit(single))
+    assert rel < 1e-5, rel
+    torch.testing.assert_close(single["erasers.conv1.bias"], ddp["erasers.conv1.bias"], atol=1e-5, rtol=1e-4)
     for key in (k for k in single if k.startswith("student.")):
         assert torch.allclose(single[key], ddp[key], atol=1e-5, rtol=1e-4), key
 

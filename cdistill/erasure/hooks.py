@@ -263,6 +263,7 @@ def fit_layer_erasers(
     num_classes: int,
     *,
     device: torch.device | str | None = None,
+    reduce: Callable[[LeaceFitter], object] | None = None,
 ) -> dict[str, LowRankEraser]:
     """Fit one eraser per spec, in order, each with the earlier ones active.
 
@@ -277,6 +278,9 @@ def fit_layer_erasers(
             and the spec's concept key ``[B]``; iterated once per spec.
         num_classes: Number of concept ids (ids lie in ``[0, num_classes)``, -1 = none).
         device: Where inputs go (default: the model's parameters' device).
+        reduce: Called on each streaming fitter after its pass and before ``build()``, e.g.
+            ``LeaceFitter.all_reduce_`` when every DDP rank streamed its own shard (every rank
+            must then call this function, with at least one batch each).
 
     Returns:
         Layer path -> fitted eraser (float64 buffers), in spec order.
@@ -291,7 +295,7 @@ def fit_layer_erasers(
     fitted: dict[str, LowRankEraser] = {}
     try:
         for spec in specs:
-            fitted[spec.layer] = _fit_one(model, spec, batches, num_classes, device, fitted, modes)
+            fitted[spec.layer] = _fit_one(model, spec, batches, num_classes, device, fitted, modes, reduce)
     finally:
         for m, mode in states:
             m.training = mode
@@ -306,6 +310,7 @@ def _fit_one(
     device: torch.device | str,
     active: Mapping[str, nn.Module],
     modes: Mapping[str, str],
+    reduce: Callable[[LeaceFitter], object] | None = None,
 ) -> LowRankEraser:
     fitter: LeaceFitter | None = None
     kept: list[tuple[Tensor, Tensor]] = []
@@ -323,6 +328,8 @@ def _fit_one(
         else:
             kept.append((x.cpu(), z.cpu()))
     if spec.streaming:
+        if fitter is not None and reduce is not None:
+            reduce(fitter)
         if fitter is None or fitter.count < 2:
             raise CdistillError(f"No samples with a {spec.concept!r} id >= 0 to fit the eraser of {spec.layer!r}.")
         return fitter.build()
