@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -45,3 +47,19 @@ def make_cfg(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
 
     yield make
     GlobalHydra.instance().clear()
+
+
+def one_sgd_step_run(tmp: Path, name: str, experiment: str, extra: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Run ``train.py`` for one SGD step (lr 1, 64 samples) in a subprocess; return the
+    ``state_dict`` of its last checkpoint. Used to compare DDP-sim with one process."""
+    common = [
+        f"experiment={experiment}", "data.max_train_samples=64", "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "test=false",
+        "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=1.0",
+        "trainer.enable_progress_bar=false", "logger=csv", f"hydra.run.dir={tmp / name}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, *extra], cwd=tmp, env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return torch.load(tmp / name / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

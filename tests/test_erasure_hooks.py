@@ -3,15 +3,13 @@ integration (checkpoints, fast_dev_run of an erasure experiment) and DDP consist
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import one_sgd_step_run
 from omegaconf import DictConfig, open_dict
 from torch import Tensor, nn
 
@@ -209,17 +207,7 @@ def test_fast_dev_run_of_leace_experiment(make_cfg: Callable[..., DictConfig]) -
 
 
 def _run(tmp: Path, name: str, extra: list[str]) -> dict[str, Tensor]:
-    common = [
-        "experiment=color_mnist/leace", "data.max_train_samples=64", "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "test=false",
-        "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=1.0",
-        "trainer.enable_progress_bar=false", "logger=csv", f"hydra.run.dir={tmp / name}",
-    ]
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, *extra], cwd=tmp, env=env,
-                         capture_output=True, text=True, timeout=600, check=False)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return torch.load(tmp / name / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    return one_sgd_step_run(tmp, name, "color_mnist/leace", extra)
 
 
 @pytest.mark.slow
