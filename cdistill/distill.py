@@ -27,7 +27,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from cdistill.capture import capture, collect_activations, resolve_module
-from cdistill.cav import CAVBank, fit_cav
+from cdistill.cav import CAVBank, fit_cav, position_rows
 from cdistill.concepts import load_spec, preprocess
 from cdistill.erasure import LowRankEraser
 from cdistill.erasure.hooks import (
@@ -40,12 +40,15 @@ from cdistill.erasure.hooks import (
 )
 from cdistill.errors import CdistillError
 from cdistill.losses import (
+    CAV_MODES,
     DIRECTIONS,
+    POSITION_WEIGHTS,
     concept_loss,
     corner_mask,
     foreground_mask,
     local_loss,
     logprob_gradient,
+    position_gradients,
     prototype_gradient,
 )
 from cdistill.module import Batch, ClassifierModule, to_plain
@@ -73,8 +76,15 @@ class ConceptDistillModule(ClassifierModule):
         lambda_l: Weight of the local input-gradient loss (0: off).
         concepts: ``spec`` (YAML concept spec), ``terms`` (list of ``{concept, negative,
             direction, weight, classes, name}``; ``{y}`` in ``concept`` picks the concept of
-            each sample's class, e.g. ``color_{y}``), ``solver``, ``min_accuracy`` (gate),
-            ``test_fraction``, ``refresh_every_n_steps`` (0: static CAVs) and ``ema``.
+            each sample's class, e.g. ``color_{y}``; ``subspace: true`` penalises the
+            gradient's component in the span of all the term's CAVs instead), ``solver``,
+            ``min_accuracy`` (gate), ``test_fraction``, ``refresh_every_n_steps`` (0: static
+            CAVs), ``ema``, and ``cav_mode``: ``flatten`` (default; one CAV on the flattened
+            map, ``d = C·H·W``) or ``position`` (for conv maps: one CAV in the ``C``-dim channel
+            space, fitted on the positions where concept images have content, see
+            :func:`cdistill.cav.position_rows`, with ``position_threshold`` and ``max_rows``;
+            the loss is the cosine at each position, averaged with ``position_weight``
+            ``norm`` (weights = gradient norms) or ``uniform``).
         prototypes: ``k`` (K-means centres per class; 1 = class mean),
             ``refresh_every_n_epochs`` (0: fixed) and ``ema`` (weight of fresh centres).
         local: ``mask`` (``foreground`` or ``corners``), ``threshold`` and ``fraction``
@@ -115,6 +125,12 @@ class ConceptDistillModule(ClassifierModule):
         for t in terms:
             if t.get("direction", "desensitize") not in DIRECTIONS:
                 raise CdistillError(f"Concept term {t}: direction must be one of {DIRECTIONS}.")
+        if concepts.get("cav_mode", "flatten") not in CAV_MODES:
+            raise CdistillError(f"model.concepts.cav_mode={concepts['cav_mode']!r}: use one of {CAV_MODES}.")
+        if concepts.get("position_weight", "norm") not in POSITION_WEIGHTS:
+            raise CdistillError(
+                f"model.concepts.position_weight={concepts['position_weight']!r}: use one of {POSITION_WEIGHTS}."
+            )
         resolve_module(self.student, layer)  # a wrong layer fails now, listing close names
         self.erasure_specs: list[ErasureSpec] = specs_from_config(erasure) if erasure else []
         for spec in self.erasure_specs:
@@ -138,6 +154,7 @@ class ConceptDistillModule(ClassifierModule):
         self.register_buffer(
             "sensitize", torch.tensor([t.get("direction", "desensitize") == "sensitize" for t in terms], dtype=torch.bool)
         )
+        self.register_buffer("subspace", torch.tensor([bool(t.get("subspace", False)) for t in terms], dtype=torch.bool))
         # Pixel statistics of the datamodule: the local loss needs un-normalised images.
         conv = first_conv(self.student)
         chans = conv.in_channels if conv is not None else 3
@@ -149,6 +166,7 @@ class ConceptDistillModule(ClassifierModule):
     cav_index: Tensor
     term_weights: Tensor
     sensitize: Tensor
+    subspace: Tensor
     input_mean: Tensor
     input_std: Tensor
     artefacts_fitted: Tensor
@@ -166,16 +184,40 @@ class ConceptDistillModule(ClassifierModule):
         bs = self.hparams["fit_batch_size"]
         return [images[i : i + bs].to(self.device) for i in range(0, len(images), bs)]
 
+    @property
+    def cav_mode(self) -> str:
+        """``flatten`` or ``position`` (see the class docstring)."""
+        return str(self.hparams["concepts"].get("cav_mode", "flatten"))
+
     def concept_activations(self, datamodule: Any) -> dict[str, Tensor]:
-        """Activations ``[N, d]`` at ``layer`` of every set in the concept spec."""
-        spec = self.hparams["concepts"].get("spec")
+        """CAV training rows of every set in the concept spec, at ``layer``.
+
+        Returns:
+            ``{name: [N, d]}`` flattened activations (``cav_mode=flatten``), or
+            ``{name: [M, C]}`` channel vectors at the content positions of the set's images
+            (``cav_mode=position``).
+        """
+        cfg = self.hparams["concepts"]
+        spec = cfg.get("spec")
         if not spec:
             raise CdistillError("model.concepts.spec is not set: give the concept-set YAML spec.")
         sets = load_spec(spec, channels=datamodule.num_channels, size=datamodule.image_size)
+        kw = {"channels": datamodule.num_channels, "size": datamodule.image_size}
+        position = self.cav_mode == "position"
+        blank: Tensor | None = None
         out = {}
-        for name, images in sets.items():
-            x = preprocess(images, datamodule.normalize, channels=datamodule.num_channels, size=datamodule.image_size)
-            out[name] = collect_activations(self.student, self.layer, self._loader(x))
+        for i, (name, images) in enumerate(sets.items()):
+            x = preprocess(images, datamodule.normalize, **kw)
+            acts = collect_activations(self.student, self.layer, self._loader(x), flatten=not position)
+            if position:
+                if blank is None:
+                    empty = preprocess(torch.zeros_like(images[:1]), datamodule.normalize, **kw)
+                    blank = collect_activations(self.student, self.layer, self._loader(empty), flatten=False)[0]
+                acts = position_rows(
+                    acts, blank, threshold=float(cfg.get("position_threshold", 0.1)),
+                    max_rows=cfg.get("max_rows", 20000), seed=i,
+                )
+            out[name] = acts
         return out
 
     def _negative(self, acts: Mapping[str, Tensor], name: str) -> Tensor:
@@ -362,7 +404,12 @@ class ConceptDistillModule(ClassifierModule):
                 grads = prototype_gradient(acts, self.prototypes.mean_center(y))
             else:
                 grads = logprob_gradient(acts, logits, y)
-            lc, per_term = concept_loss(grads, y, self.cavs.vectors, self.cav_index, self.sensitize, self.term_weights)
+            if self.cav_mode == "position":
+                grads = position_gradients(grads, tuple(acts.shape[1:]))  # [B, H*W, C]
+            lc, per_term = concept_loss(
+                grads, y, self.cavs.vectors, self.cav_index, self.sensitize, self.term_weights,
+                subspace=self.subspace, position_weight=str(hp["concepts"].get("position_weight", "norm")),
+            )
             out["concept"] = lc
             for term, value in zip(self.terms, per_term, strict=True):
                 out[f"concept/{term_name(term)}"] = value

@@ -96,6 +96,24 @@ def test_artefacts_round_trip_bitwise(dm: ColorMNISTDataModule, tmp_path: Path) 
     assert torch.equal(fresh.compute_losses(batch)["loss"], module.compute_losses(batch)["loss"])
 
 
+@pytest.mark.parametrize("form", ["prototype", "logit"])
+def test_position_mode_fits_channel_cavs(dm: ColorMNISTDataModule, form: str) -> None:
+    """cav_mode=position: CAVs live in the C-dim channel space of the layer, the colour CAVs
+    pass the gate there, and the loss trains the layers before it."""
+    subspace_terms = [{"concept": "color_{y}", "negative": "grey"},
+                      {"concept": "color_{y}", "negative": "grey", "subspace": True, "name": "colours"}]
+    module = make(layer="conv1", form=form, lambda_c=1.0,
+                  concepts={"spec": "concepts/color_mnist.yaml", "terms": subspace_terms, "cav_mode": "position"})
+    module.fit_artefacts(dm)
+    assert module.cavs.dim == module.student.conv1.out_channels
+    assert float(module.cavs.accuracies.min()) > 0.7
+    out = module.compute_losses(_batch(dm))
+    assert {"concept/color_y", "concept/colours"} <= set(out)
+    assert 0 <= out["concept/color_y"].item() <= out["concept/colours"].item() <= 1
+    (g,) = torch.autograd.grad(out["concept"], module.student.conv1.weight)
+    assert g.abs().sum() > 0
+
+
 def test_bad_configuration_is_clear() -> None:
     with pytest.raises(CdistillError, match="conv2"):
         make(layer="conv3")
@@ -103,6 +121,8 @@ def test_bad_configuration_is_clear() -> None:
         make(concepts={"spec": "concepts/color_mnist.yaml", "terms": []})
     with pytest.raises(CdistillError, match="direction"):
         make(concepts={"spec": "x", "terms": [{"concept": "a", "direction": "sideways"}]})
+    with pytest.raises(CdistillError, match="cav_mode"):
+        make(concepts={"spec": "x", "terms": TERMS, "cav_mode": "pixel"})
 
 
 def test_unknown_concept_and_gate(dm: ColorMNISTDataModule) -> None:
