@@ -42,6 +42,7 @@ from cdistill.errors import CdistillError
 from cdistill.losses import (
     CAV_MODES,
     DIRECTIONS,
+    LOGIT_TARGETS,
     POSITION_WEIGHTS,
     concept_loss,
     corner_mask,
@@ -71,13 +72,17 @@ class ConceptDistillModule(ClassifierModule):
         layer: Module path of the student layer the concept loss acts on (e.g. ``conv2``).
         form: ``prototype`` (``|cos(a - Pbar_y, v)|``, no double backward) or ``logit``
             (``∇_a log p(y|x)`` by one batched double backward).
+        target: Scalar the logit form differentiates: ``logprob`` (``log p(y|x)``, default),
+            ``logit`` (``z_y``), ``margin`` (``z_y - logsumexp_{k≠y} z_k``) or ``random``
+            (``z_k``, ``k`` uniform per sample); see :func:`cdistill.losses.logit_target`.
         lambda_c: Weight of the concept loss (0: off).
         lambda_p: Weight of the prototype loss ``Σ_j ||a - P_yj||² / d`` (0: off).
         lambda_l: Weight of the local input-gradient loss (0: off).
         concepts: ``spec`` (YAML concept spec), ``terms`` (list of ``{concept, negative,
             direction, weight, classes, name}``; ``{y}`` in ``concept`` picks the concept of
             each sample's class, e.g. ``color_{y}``; ``subspace: true`` penalises the
-            gradient's component in the span of all the term's CAVs instead), ``solver``,
+            gradient's component in the span of all the term's CAVs instead, or in its top
+            ``rank`` singular directions), ``solver``,
             ``min_accuracy`` (gate), ``test_fraction``, ``refresh_every_n_steps`` (0: static
             CAVs), ``ema``, and ``cav_mode``: ``flatten`` (default; one CAV on the flattened
             map, ``d = C·H·W``) or ``position`` (for conv maps: one CAV in the ``C``-dim channel
@@ -102,6 +107,7 @@ class ConceptDistillModule(ClassifierModule):
         self,
         layer: str,
         form: str = "prototype",
+        target: str = "logprob",
         lambda_c: float = 1.0,
         lambda_p: float = 0.0,
         lambda_l: float = 0.0,
@@ -119,6 +125,8 @@ class ConceptDistillModule(ClassifierModule):
         erasure = dict(to_plain(erasure) or {}) or None
         if form not in FORMS:
             raise CdistillError(f"model.form={form!r}: use one of {FORMS}.")
+        if target not in LOGIT_TARGETS:
+            raise CdistillError(f"model.target={target!r}: use one of {LOGIT_TARGETS}.")
         terms = list(concepts.get("terms") or [])
         if lambda_c > 0 and not terms:
             raise CdistillError("model.lambda_c > 0 but model.concepts.terms is empty: name at least one concept.")
@@ -137,7 +145,7 @@ class ConceptDistillModule(ClassifierModule):
             resolve_module(self.student, spec.layer)
         self.save_hyperparameters(
             {
-                "layer": layer, "form": form, "lambda_c": lambda_c, "lambda_p": lambda_p,
+                "layer": layer, "form": form, "target": target, "lambda_c": lambda_c, "lambda_p": lambda_p,
                 "lambda_l": lambda_l, "concepts": concepts, "prototypes": prototypes,
                 "local": local, "erasure": erasure, "fit_batch_size": fit_batch_size,
             }
@@ -155,6 +163,7 @@ class ConceptDistillModule(ClassifierModule):
             "sensitize", torch.tensor([t.get("direction", "desensitize") == "sensitize" for t in terms], dtype=torch.bool)
         )
         self.register_buffer("subspace", torch.tensor([bool(t.get("subspace", False)) for t in terms], dtype=torch.bool))
+        self.register_buffer("subspace_rank", torch.tensor([int(t.get("rank") or 0) for t in terms], dtype=torch.long))
         # Pixel statistics of the datamodule: the local loss needs un-normalised images.
         conv = first_conv(self.student)
         chans = conv.in_channels if conv is not None else 3
@@ -167,6 +176,7 @@ class ConceptDistillModule(ClassifierModule):
     term_weights: Tensor
     sensitize: Tensor
     subspace: Tensor
+    subspace_rank: Tensor
     input_mean: Tensor
     input_std: Tensor
     artefacts_fitted: Tensor
@@ -390,7 +400,9 @@ class ConceptDistillModule(ClassifierModule):
         artefacts are fitted (:meth:`fit_artefacts`)."""
         hp = self.hparams
         x, y = batch["image"], batch["label"]
-        if hp["lambda_l"] > 0:
+        if hp["lambda_l"] > 0 or (hp["lambda_c"] > 0 and hp["form"] == "logit"):
+            # The local loss differentiates w.r.t. the pixels; the logit form may act at the
+            # input itself (layer ``input``), whose output needs a graph too.
             x = x.detach().requires_grad_(True)
         # The erasure hooks go first, so a concept loss at an erased layer sees erased activations.
         with self._erasing(), capture(self.student, self.layer, check_finite=False) as store:
@@ -403,12 +415,12 @@ class ConceptDistillModule(ClassifierModule):
             if hp["form"] == "prototype":
                 grads = prototype_gradient(acts, self.prototypes.mean_center(y))
             else:
-                grads = logprob_gradient(acts, logits, y)
+                grads = logprob_gradient(acts, logits, y, str(hp.get("target", "logprob")))
             if self.cav_mode == "position":
                 grads = position_gradients(grads, tuple(acts.shape[1:]))  # [B, H*W, C]
             lc, per_term = concept_loss(
                 grads, y, self.cavs.vectors, self.cav_index, self.sensitize, self.term_weights,
-                subspace=self.subspace, position_weight=str(hp["concepts"].get("position_weight", "norm")),
+                subspace=self.subspace, ranks=self.subspace_rank, position_weight=str(hp["concepts"].get("position_weight", "norm")),
             )
             out["concept"] = lc
             for term, value in zip(self.terms, per_term, strict=True):

@@ -64,19 +64,55 @@ def prototype_gradient(acts: Tensor, pbar: Tensor) -> Tensor:
     return acts.reshape(acts.shape[0], -1) - pbar
 
 
-def logprob_gradient(acts: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
-    """``∇_a log p(y|x)`` per sample, differentiable (``create_graph=True``).
+LOGIT_TARGETS = ("logprob", "logit", "margin", "random")
+
+
+def logit_target(logits: Tensor, labels: Tensor, target: str = "logprob", generator: torch.Generator | None = None) -> Tensor:
+    """Per-sample scalar whose gradient the logit form aligns with the CAVs.
+
+    Args:
+        logits: ``[B, num_classes]``.
+        labels: ``[B]``.
+        target: ``logprob``: ``log p(y|x)`` (vanishes as ``p(y|x) -> 1``, so a saturated
+            model has no usable direction); ``logit``: the true-class logit ``z_y`` (Kim et
+            al.'s TCAV target); ``margin``: the log-odds ``z_y - logsumexp_{k≠y} z_k`` (does
+            not saturate, and counts the competing classes by their probability);
+            ``random``: the logit ``z_k`` of a class drawn uniformly per sample (an unbiased
+            estimate of the mean over classes: every class's logit is desensitized, not only
+            the true one's).
+        generator: RNG for ``random``.
+
+    Returns:
+        ``[B]``.
+    """
+    if target == "logprob":
+        return F.log_softmax(logits, dim=1).gather(1, labels[:, None])[:, 0]
+    if target == "logit":
+        return logits.gather(1, labels[:, None])[:, 0]
+    if target == "margin":
+        others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf"))
+        return logits.gather(1, labels[:, None])[:, 0] - torch.logsumexp(others, dim=1)
+    if target == "random":
+        k = torch.randint(0, logits.shape[1], labels.shape, generator=generator,
+                          device="cpu" if generator is not None else labels.device).to(labels.device)
+        return logits.gather(1, k[:, None])[:, 0]
+    raise CdistillError(f"logit target {target!r}: use one of {LOGIT_TARGETS}.")
+
+
+def logprob_gradient(acts: Tensor, logits: Tensor, labels: Tensor, target: str = "logprob") -> Tensor:
+    """``∇_a log p(y|x)`` (or another :func:`logit_target`) per sample, differentiable
+    (``create_graph=True``).
 
     Args:
         acts: The layer activation ``[B, ...]`` that ``logits`` were computed from.
         logits: ``[B, num_classes]``.
         labels: ``[B]``.
+        target: See :func:`logit_target`.
 
     Returns:
         ``[B, d]``.
     """
-    target = F.log_softmax(logits, dim=1).gather(1, labels[:, None]).sum()
-    (grad,) = torch.autograd.grad(target, acts, create_graph=True)
+    (grad,) = torch.autograd.grad(logit_target(logits, labels, target).sum(), acts, create_graph=True)
     return grad.reshape(grad.shape[0], -1)
 
 
@@ -103,13 +139,24 @@ def position_gradients(grads: Tensor, shape: tuple[int, ...]) -> Tensor:
     return grads.reshape(grads.shape[0], c, -1).transpose(1, 2)
 
 
-def subspace_basis(vectors: Tensor) -> Tensor:
-    """Orthonormal basis ``[r, c]`` of the span of ``vectors [m, c]`` (``r <= m``; rows whose
-    direction is already spanned, up to rounding, are dropped)."""
-    q, r = torch.linalg.qr(vectors.T)
-    diag = r.diagonal().abs()
-    keep = diag > diag.max().clamp_min(1e-30) * 1e-6
-    return q[:, keep].T
+def subspace_basis(vectors: Tensor, rank: int | None = None) -> Tensor:
+    """Orthonormal basis of the span of ``vectors [m, c]``, or of its ``rank`` main directions.
+
+    Args:
+        vectors: ``[m, c]`` CAVs.
+        rank: ``None``: the whole span (directions below 1e-6 of the largest singular value,
+            i.e. already spanned up to rounding, are dropped); an int: the top ``rank`` right
+            singular vectors (the directions the CAVs share most; e.g. 2 for the chroma plane
+            that colour-vs-grey CAVs at the pixels span).
+
+    Returns:
+        ``[r, c]`` orthonormal rows.
+    """
+    _, sv, vh = torch.linalg.svd(vectors, full_matrices=False)
+    keep = sv > sv.max().clamp_min(1e-30) * 1e-6
+    if rank is not None:
+        keep &= torch.arange(len(sv), device=sv.device) < rank
+    return vh[keep]
 
 
 def _aggregate(along: Tensor, norms: Tensor, weighting: str, eps: float) -> Tensor:
@@ -141,6 +188,7 @@ def concept_loss(
     weights: Tensor,
     *,
     subspace: Tensor | None = None,
+    ranks: Tensor | None = None,
     position_weight: str = "norm",
     eps: float = 1e-12,
 ) -> tuple[Tensor, Tensor]:
@@ -166,7 +214,10 @@ def concept_loss(
         weights: ``[T]`` per-term weights.
         subspace: ``[T]`` bool: the term penalises the projection on the span of its CAVs
             (every row of ``cavs`` in ``cav_index[t]``) rather than one CAV per class.
+        ranks: ``[T]`` rank of each subspace term's basis (0: the whole span), see
+            :func:`subspace_basis`.
         position_weight: ``norm`` or ``uniform`` (only matters when ``P > 1``).
+        eps: Floor of the norms in the denominators (after the per-sample rescaling).
 
     Returns:
         ``(loss, per_term)``: the scalar ``Σ_t w_t mean_b L_tb`` and the ``[T]`` unweighted
@@ -174,6 +225,11 @@ def concept_loss(
     """
     if grads.ndim == 2:
         grads = grads.unsqueeze(1)  # one "position": the flattened map
+    # Every ratio below is invariant to a positive per-sample scale: rescale each sample to a
+    # max-abs of 1 so that tiny gradients (a saturated model) neither underflow in the norms
+    # nor meet the eps floor.
+    scale = grads.detach().abs().amax(dim=(1, 2), keepdim=True)
+    grads = grads / torch.where(scale > 0, scale, torch.ones_like(scale))
     if grads.shape[-1] != cavs.shape[-1]:
         raise CdistillError(
             f"Gradient dimension {grads.shape[-1]} does not match CAV dimension {cavs.shape[-1]}: "
@@ -191,7 +247,8 @@ def concept_loss(
         sens = bool(sensitize[t])
         if bool(subspace[t]):
             members = torch.unique(cav_index[t][cav_index[t] >= 0])
-            basis = subspace_basis(unit[members])  # [r, c]
+            rank = int(ranks[t]) if ranks is not None else 0
+            basis = subspace_basis(unit[members], rank or None)  # [r, c]
             along = (grads @ basis.T).norm(dim=-1)  # [B, P]
         else:
             v = unit[rows[t].clamp_min(0)]  # [B, c]

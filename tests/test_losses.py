@@ -10,6 +10,7 @@ from cdistill.losses import (
     concept_loss,
     corner_mask,
     local_loss,
+    logit_target,
     logprob_gradient,
     position_gradients,
     prototype_gradient,
@@ -198,6 +199,16 @@ def test_subspace_term_is_the_fraction_in_the_span() -> None:
     assert per < loss
     # a duplicated CAV adds no dimension
     assert subspace_basis(torch.cat([cavs, cavs[:1]])).shape == (3, c)
+    # rank r: the top-r singular directions, and a rank-r term sees less than the whole span
+    top2 = subspace_basis(cavs, 2)
+    _, _, vh = torch.linalg.svd(cavs)
+    assert torch.allclose((top2 @ vh[:2].T).abs().det().abs(), torch.tensor(1.0, dtype=torch.float64))
+    r2, _ = concept_loss(g, labels, cavs, index, torch.tensor([False]), torch.ones(1), subspace=sub,
+                         ranks=torch.tensor([2]))
+    assert torch.allclose(r2, ((g @ top2.T).norm(dim=1) / g.norm(dim=1)).mean()) and r2 < loss
+    # scale invariance, down to tiny (saturated-model) gradients
+    tiny, _ = concept_loss(g * 1e-30, labels, cavs, index, torch.tensor([False]), torch.ones(1), subspace=sub)
+    assert torch.allclose(tiny, loss)
 
 
 def test_position_logit_form_is_differentiable() -> None:
@@ -216,3 +227,22 @@ def test_position_logit_form_is_differentiable() -> None:
 
     w = conv.weight.detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(objective, (w,), eps=1e-6, atol=1e-5)
+
+
+def test_logit_targets() -> None:
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 3.0, 1.0]], dtype=torch.float64)
+    y = torch.tensor([0, 2])
+    assert torch.allclose(logit_target(logits, y, "logprob"), F.log_softmax(logits, 1)[[0, 1], y])
+    assert torch.allclose(logit_target(logits, y, "logit"), torch.tensor([2.0, 1.0], dtype=torch.float64))
+    margin = torch.stack([2.0 - torch.logsumexp(torch.tensor([0.5, -1.0]), 0), 1.0 - torch.logsumexp(torch.tensor([0.0, 3.0]), 0)])
+    assert torch.allclose(logit_target(logits, y, "margin"), margin.double())
+    gen = torch.Generator().manual_seed(0)
+    r = logit_target(logits, y, "random", generator=gen)
+    assert all(float(v) in logits[i].tolist() for i, v in enumerate(r))
+    # a saturated model: the log-probability's gradient vanishes, the margin's does not
+    a = torch.tensor([[30.0, 0.0]], requires_grad=True)
+    head = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.5]])
+    lab = torch.tensor([0])
+    g_lp = logprob_gradient(a, a @ head.T, lab, "logprob")
+    g_m = logprob_gradient(a, a @ head.T, lab, "margin")
+    assert g_lp.abs().max() < 1e-6 and g_m.abs().max() > 0.5
