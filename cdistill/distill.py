@@ -162,8 +162,14 @@ class ConceptDistillModule(ClassifierModule):
         self.register_buffer(
             "sensitize", torch.tensor([t.get("direction", "desensitize") == "sensitize" for t in terms], dtype=torch.bool)
         )
-        self.register_buffer("subspace", torch.tensor([bool(t.get("subspace", False)) for t in terms], dtype=torch.bool))
-        self.register_buffer("subspace_rank", torch.tensor([int(t.get("rank") or 0) for t in terms], dtype=torch.long))
+        # Derived from the config alone: not persistent, so checkpoints written before these
+        # options existed still load strictly.
+        self.register_buffer(
+            "subspace", torch.tensor([bool(t.get("subspace", False)) for t in terms], dtype=torch.bool), persistent=False
+        )
+        self.register_buffer(
+            "subspace_rank", torch.tensor([int(t.get("rank") or 0) for t in terms], dtype=torch.long), persistent=False
+        )
         # Pixel statistics of the datamodule: the local loss needs un-normalised images.
         conv = first_conv(self.student)
         chans = conv.in_channels if conv is not None else 3

@@ -84,6 +84,8 @@ def test_artefacts_round_trip_bitwise(dm: ColorMNISTDataModule, tmp_path: Path) 
     module = make(lambda_c=1.0, lambda_p=0.1, prototypes={"k": 2})
     module.fit_artefacts(dm)
     path = tmp_path / "m.pt"
+    # config-derived buffers stay out of checkpoints (older checkpoints load strictly)
+    assert not {"subspace", "subspace_rank"} & set(module.state_dict())
     torch.save(module.state_dict(), path)
     fresh = make(lambda_c=1.0, lambda_p=0.1, prototypes={"k": 2})
     fresh.load_state_dict(torch.load(path, weights_only=True))
