@@ -100,6 +100,21 @@ def table(path: Path) -> str:
     return "\n".join(rows)
 
 
+def final_table(path: Path, prefix: str = "FINAL_") -> str:
+    """Mean ± std table of the runs whose name starts with ``prefix`` (one row each)."""
+    rows = ["| dataset | setting | seeds | paper | strict | last | base paper / strict / last | bias TCAV base -> CD |",
+            "|---|---|---|---|---|---|---|---|"]
+    runs = [json.loads(line) for line in path.read_text().splitlines()]
+    runs = sorted((r for r in runs if r["name"].startswith(prefix) and not r.get("rc")), key=lambda r: (r["task"], r["name"]))
+    for r in runs:
+        exp = next((o.split("=", 1)[1] for o in r["overrides"] if o.startswith("experiment=")), "?")
+        base = " / ".join(cell(r[f"base_{p}"]) for p in PROTOCOLS)
+        tcav = f"{np.mean(r['base_tcav']):.2f} -> {np.mean(r['tcav']):.2f}" if "tcav" in r else "-"
+        rows.append(f"| {r['task']} | `{exp}` | {','.join(map(str, r['seeds']))} | {cell(r['paper'])} | "
+                    f"{cell(r['strict'])} | {cell(r['last'])} | {base} | {tcav} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="run")
@@ -107,10 +122,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cd_sweep.jsonl")
     ap.add_argument("--tcav", action="store_true", help="keep the pipeline's TCAV of the bias concept")
     ap.add_argument("--table", type=Path, default=None, help="print the table of this JSONL file and exit")
+    ap.add_argument("--final", type=Path, default=None, help="print the mean ± std table of its FINAL_ runs and exit")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.table:
         print(table(args.table))
+        return
+    if args.final:
+        print(final_table(args.final))
         return
     rec = run(args.name, args.overrides, [int(s) for s in args.seeds.split(",")], args.out, tcav=args.tcav)
     print(json.dumps({k: v for k, v in rec.items() if k != "error"}), rec.get("error", ""))
