@@ -477,6 +477,53 @@ def fit_cav(
     )
 
 
+def position_rows(
+    acts: Tensor,
+    blank: Tensor | None = None,
+    *,
+    threshold: float = 0.1,
+    max_rows: int | None = 20000,
+    seed: int = 0,
+) -> Tensor:
+    """Per-position channel vectors of conv maps, as rows for a position-wise CAV.
+
+    A conv map encodes a local concept (a colour, a texture) in its ``C`` channels at each
+    position; a CAV in that ``C``-dim space is one direction shared by every position, where a
+    CAV on the flattened map is one direction per (channel, position) pair. The rows are the
+    positions where the image has content: where the activation differs from that of a blank
+    (background-only) image by more than ``threshold`` times the image's largest difference.
+    Without ``blank`` every position is kept.
+
+    Args:
+        acts: ``[N, C, H, W]`` activations (any number of trailing position dimensions).
+        blank: ``[C, H, W]`` activation of a blank image, or ``None``.
+        threshold: Relative difference (in ``[0, 1)``) above which a position is kept.
+        max_rows: Keep at most this many rows (a seeded random subset); ``None``: all.
+        seed: Seed of the subset.
+
+    Returns:
+        ``[M, C]`` rows (``M <= N * H * W``), on the input's device.
+    """
+    if acts.ndim < 3:
+        raise CdistillError(
+            f"Position-wise CAVs need conv maps [N, C, H, W]; got activations of shape {tuple(acts.shape)}."
+        )
+    n, c = acts.shape[:2]
+    rows = acts.reshape(n, c, -1).transpose(1, 2)  # [N, P, C]
+    if blank is None:
+        keep = torch.ones(rows.shape[:2], dtype=torch.bool, device=acts.device)
+    else:
+        diff = (rows - blank.reshape(c, -1).T.to(rows)).norm(dim=-1)  # [N, P]
+        keep = diff > threshold * diff.amax(dim=1, keepdim=True).clamp_min(1e-12)
+    out = rows[keep]
+    if len(out) == 0:
+        raise CdistillError("No position of the concept images differs from a blank image: no position-wise rows.")
+    if max_rows is not None and len(out) > max_rows:
+        gen = torch.Generator().manual_seed(seed)
+        out = out[torch.randperm(len(out), generator=gen)[:max_rows].to(out.device)]
+    return out
+
+
 def gate_cavs(results: Iterable[CAVResult], min_accuracy: float = MIN_ACCURACY) -> list[CAVResult]:
     """Keep the CAVs whose held-out accuracy reaches ``min_accuracy``; warn about the rest.
 

@@ -28,7 +28,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from cdistill.capture import capture, collect_activations, resolve_module
-from cdistill.cav import CAVBank, fit_cav
+from cdistill.cav import CAVBank, fit_cav, position_rows
 from cdistill.concepts import load_spec, preprocess
 from cdistill.erasure import LeaceFitter, LowRankEraser
 from cdistill.erasure.hooks import (
@@ -41,12 +41,16 @@ from cdistill.erasure.hooks import (
 )
 from cdistill.errors import CdistillError
 from cdistill.losses import (
+    CAV_MODES,
     DIRECTIONS,
+    LOGIT_TARGETS,
+    POSITION_WEIGHTS,
     concept_loss,
     corner_mask,
     foreground_mask,
     local_loss,
     logprob_gradient,
+    position_gradients,
     prototype_gradient,
 )
 from cdistill.module import Batch, ClassifierModule, to_plain
@@ -69,13 +73,24 @@ class ConceptDistillModule(ClassifierModule):
         layer: Module path of the student layer the concept loss acts on (e.g. ``conv2``).
         form: ``prototype`` (``|cos(a - Pbar_y, v)|``, no double backward) or ``logit``
             (``∇_a log p(y|x)`` by one batched double backward).
+        target: Scalar the logit form differentiates: ``logprob`` (``log p(y|x)``, default),
+            ``logit`` (``z_y``), ``margin`` (``z_y - logsumexp_{k≠y} z_k``) or ``random``
+            (``z_k``, ``k`` uniform per sample); see :func:`cdistill.losses.logit_target`.
         lambda_c: Weight of the concept loss (0: off).
         lambda_p: Weight of the prototype loss ``Σ_j ||a - P_yj||² / d`` (0: off).
         lambda_l: Weight of the local input-gradient loss (0: off).
         concepts: ``spec`` (YAML concept spec), ``terms`` (list of ``{concept, negative,
             direction, weight, classes, name}``; ``{y}`` in ``concept`` picks the concept of
-            each sample's class, e.g. ``color_{y}``), ``solver``, ``min_accuracy`` (gate),
-            ``test_fraction``, ``refresh_every_n_steps`` (0: static CAVs) and ``ema``.
+            each sample's class, e.g. ``color_{y}``; ``subspace: true`` penalises the
+            gradient's component in the span of all the term's CAVs instead, or in its top
+            ``rank`` singular directions), ``solver``,
+            ``min_accuracy`` (gate), ``test_fraction``, ``refresh_every_n_steps`` (0: static
+            CAVs), ``ema``, and ``cav_mode``: ``flatten`` (default; one CAV on the flattened
+            map, ``d = C·H·W``) or ``position`` (for conv maps: one CAV in the ``C``-dim channel
+            space, fitted on the positions where concept images have content, see
+            :func:`cdistill.cav.position_rows`, with ``position_threshold`` and ``max_rows``;
+            the loss is the cosine at each position, averaged with ``position_weight``
+            ``norm`` (weights = gradient norms) or ``uniform``).
         prototypes: ``k`` (K-means centres per class; 1 = class mean),
             ``refresh_every_n_epochs`` (0: fixed) and ``ema`` (weight of fresh centres).
         local: ``mask`` (``foreground`` or ``corners``), ``threshold`` and ``fraction``
@@ -93,6 +108,7 @@ class ConceptDistillModule(ClassifierModule):
         self,
         layer: str,
         form: str = "prototype",
+        target: str = "logprob",
         lambda_c: float = 1.0,
         lambda_p: float = 0.0,
         lambda_l: float = 0.0,
@@ -110,19 +126,27 @@ class ConceptDistillModule(ClassifierModule):
         erasure = dict(to_plain(erasure) or {}) or None
         if form not in FORMS:
             raise CdistillError(f"model.form={form!r}: use one of {FORMS}.")
+        if target not in LOGIT_TARGETS:
+            raise CdistillError(f"model.target={target!r}: use one of {LOGIT_TARGETS}.")
         terms = list(concepts.get("terms") or [])
         if lambda_c > 0 and not terms:
             raise CdistillError("model.lambda_c > 0 but model.concepts.terms is empty: name at least one concept.")
         for t in terms:
             if t.get("direction", "desensitize") not in DIRECTIONS:
                 raise CdistillError(f"Concept term {t}: direction must be one of {DIRECTIONS}.")
+        if concepts.get("cav_mode", "flatten") not in CAV_MODES:
+            raise CdistillError(f"model.concepts.cav_mode={concepts['cav_mode']!r}: use one of {CAV_MODES}.")
+        if concepts.get("position_weight", "norm") not in POSITION_WEIGHTS:
+            raise CdistillError(
+                f"model.concepts.position_weight={concepts['position_weight']!r}: use one of {POSITION_WEIGHTS}."
+            )
         resolve_module(self.student, layer)  # a wrong layer fails now, listing close names
         self.erasure_specs: list[ErasureSpec] = specs_from_config(erasure) if erasure else []
         for spec in self.erasure_specs:
             resolve_module(self.student, spec.layer)
         self.save_hyperparameters(
             {
-                "layer": layer, "form": form, "lambda_c": lambda_c, "lambda_p": lambda_p,
+                "layer": layer, "form": form, "target": target, "lambda_c": lambda_c, "lambda_p": lambda_p,
                 "lambda_l": lambda_l, "concepts": concepts, "prototypes": prototypes,
                 "local": local, "erasure": erasure, "fit_batch_size": fit_batch_size,
             }
@@ -139,6 +163,14 @@ class ConceptDistillModule(ClassifierModule):
         self.register_buffer(
             "sensitize", torch.tensor([t.get("direction", "desensitize") == "sensitize" for t in terms], dtype=torch.bool)
         )
+        # Derived from the config alone: not persistent, so checkpoints written before these
+        # options existed still load strictly.
+        self.register_buffer(
+            "subspace", torch.tensor([bool(t.get("subspace", False)) for t in terms], dtype=torch.bool), persistent=False
+        )
+        self.register_buffer(
+            "subspace_rank", torch.tensor([int(t.get("rank") or 0) for t in terms], dtype=torch.long), persistent=False
+        )
         # Pixel statistics of the datamodule: the local loss needs un-normalised images.
         conv = first_conv(self.student)
         chans = conv.in_channels if conv is not None else 3
@@ -150,6 +182,8 @@ class ConceptDistillModule(ClassifierModule):
     cav_index: Tensor
     term_weights: Tensor
     sensitize: Tensor
+    subspace: Tensor
+    subspace_rank: Tensor
     input_mean: Tensor
     input_std: Tensor
     artefacts_fitted: Tensor
@@ -167,16 +201,40 @@ class ConceptDistillModule(ClassifierModule):
         bs = self.hparams["fit_batch_size"]
         return [images[i : i + bs].to(self.device) for i in range(0, len(images), bs)]
 
+    @property
+    def cav_mode(self) -> str:
+        """``flatten`` or ``position`` (see the class docstring)."""
+        return str(self.hparams["concepts"].get("cav_mode", "flatten"))
+
     def concept_activations(self, datamodule: Any) -> dict[str, Tensor]:
-        """Activations ``[N, d]`` at ``layer`` of every set in the concept spec."""
-        spec = self.hparams["concepts"].get("spec")
+        """CAV training rows of every set in the concept spec, at ``layer``.
+
+        Returns:
+            ``{name: [N, d]}`` flattened activations (``cav_mode=flatten``), or
+            ``{name: [M, C]}`` channel vectors at the content positions of the set's images
+            (``cav_mode=position``).
+        """
+        cfg = self.hparams["concepts"]
+        spec = cfg.get("spec")
         if not spec:
             raise CdistillError("model.concepts.spec is not set: give the concept-set YAML spec.")
         sets = load_spec(spec, channels=datamodule.num_channels, size=datamodule.image_size)
+        kw = {"channels": datamodule.num_channels, "size": datamodule.image_size}
+        position = self.cav_mode == "position"
+        blank: Tensor | None = None
         out = {}
-        for name, images in sets.items():
-            x = preprocess(images, datamodule.normalize, channels=datamodule.num_channels, size=datamodule.image_size)
-            out[name] = collect_activations(self.student, self.layer, self._loader(x))
+        for i, (name, images) in enumerate(sets.items()):
+            x = preprocess(images, datamodule.normalize, **kw)
+            acts = collect_activations(self.student, self.layer, self._loader(x), flatten=not position)
+            if position:
+                if blank is None:
+                    empty = preprocess(torch.zeros_like(images[:1]), datamodule.normalize, **kw)
+                    blank = collect_activations(self.student, self.layer, self._loader(empty), flatten=False)[0]
+                acts = position_rows(
+                    acts, blank, threshold=float(cfg.get("position_threshold", 0.1)),
+                    max_rows=cfg.get("max_rows", 20000), seed=i,
+                )
+            out[name] = acts
         return out
 
     def _negative(self, acts: Mapping[str, Tensor], name: str) -> Tensor:
@@ -375,7 +433,9 @@ class ConceptDistillModule(ClassifierModule):
         artefacts are fitted (:meth:`fit_artefacts`)."""
         hp = self.hparams
         x, y = batch["image"], batch["label"]
-        if hp["lambda_l"] > 0:
+        if hp["lambda_l"] > 0 or (hp["lambda_c"] > 0 and hp["form"] == "logit"):
+            # The local loss differentiates w.r.t. the pixels; the logit form may act at the
+            # input itself (layer ``input``), whose output needs a graph too.
             x = x.detach().requires_grad_(True)
         # The erasure hooks go first, so a concept loss at an erased layer sees erased activations.
         with self._erasing(), capture(self.student, self.layer, check_finite=False) as store:
@@ -388,8 +448,13 @@ class ConceptDistillModule(ClassifierModule):
             if hp["form"] == "prototype":
                 grads = prototype_gradient(acts, self.prototypes.mean_center(y))
             else:
-                grads = logprob_gradient(acts, logits, y)
-            lc, per_term = concept_loss(grads, y, self.cavs.vectors, self.cav_index, self.sensitize, self.term_weights)
+                grads = logprob_gradient(acts, logits, y, str(hp.get("target", "logprob")))
+            if self.cav_mode == "position":
+                grads = position_gradients(grads, tuple(acts.shape[1:]))  # [B, H*W, C]
+            lc, per_term = concept_loss(
+                grads, y, self.cavs.vectors, self.cav_index, self.sensitize, self.term_weights,
+                subspace=self.subspace, ranks=self.subspace_rank, position_weight=str(hp["concepts"].get("position_weight", "norm")),
+            )
             out["concept"] = lc
             for term, value in zip(self.terms, per_term, strict=True):
                 out[f"concept/{term_name(term)}"] = value

@@ -42,7 +42,7 @@ class MnistCNN(nn.Module):
 
     conv(in->20, k5) -> ReLU -> maxpool2 -> conv(20->50, k5) -> ReLU -> maxpool2 -> fc(800->500)
     -> ReLU -> fc(500->num_classes). Every stage is a named child so that layers can be addressed
-    by path (``conv2``, ``pool2``, ``fc1`` ...).
+    by path (``input``, ``conv2``, ``pool2``, ``fc1`` ...; ``input`` is an identity on the image).
 
     Args:
         in_chans: Input channels (3 for colour/texture MNIST, 1 for DecoyMNIST).
@@ -52,6 +52,7 @@ class MnistCNN(nn.Module):
     def __init__(self, in_chans: int = 3, num_classes: int = 10) -> None:
         super().__init__()
         self.in_chans = in_chans
+        self.input = nn.Identity()  # the input as an addressable layer (pixel-level CAVs, no parameters)
         self.conv1 = nn.Conv2d(in_chans, 20, kernel_size=5)
         self.relu1 = nn.ReLU()
         self.pool1 = nn.MaxPool2d(2)
@@ -65,7 +66,7 @@ class MnistCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map images ``[B, in_chans, 28, 28]`` to logits ``[B, num_classes]``."""
-        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool1(self.relu1(self.conv1(self.input(x))))
         x = self.pool2(self.relu2(self.conv2(x)))
         return self.fc2(self.relu3(self.fc1(self.flatten(x))))
 

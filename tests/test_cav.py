@@ -17,6 +17,7 @@ from cdistill.cav import (
     fit_cav,
     fit_linear,
     gate_cavs,
+    position_rows,
     stratified_split,
 )
 from cdistill.errors import CdistillError
@@ -226,3 +227,37 @@ def test_solvers_run_on_gpu() -> None:
         result = fit_cav(pos.cuda(), neg.cuda(), solver)
         assert result.vector.is_cuda
         assert float(result.vector.cpu() @ u) > 0.95
+
+
+def test_position_rows_recover_a_planted_channel_direction() -> None:
+    """Conv maps whose content positions carry a channel direction ``u`` (concept) or not
+    (negative), on a background equal to the blank image's activation: the rows keep only
+    the content positions, and a CAV on them recovers ``u``."""
+    g = torch.Generator().manual_seed(0)
+    n, c, h, w = 60, 6, 8, 8
+    u = torch.randn(c, generator=g)
+    u /= u.norm()
+    blank = 0.1 * torch.randn(c, h, w, generator=g)  # small: the noise stays isotropic
+
+    def maps(shift: float) -> Tensor:
+        x = blank.expand(n, c, h, w).clone()
+        content = torch.rand(n, 1, h, w, generator=g) < 0.3
+        x = x + content * (torch.randn(n, c, h, w, generator=g) + 2.0 + shift * u.view(1, c, 1, 1))
+        return x
+
+    pos, neg = maps(3.0), maps(0.0)
+    rows_pos = position_rows(pos, blank, threshold=0.1, max_rows=None)
+    rows_neg = position_rows(neg, blank, threshold=0.1, max_rows=None)
+    assert rows_pos.shape[1] == c
+    # about 30% of the positions are content; the background ones are dropped
+    assert 0.2 * n * h * w < len(rows_pos) < 0.4 * n * h * w
+    res = fit_cav(rows_pos, rows_neg, "logistic")
+    assert float(res.vector @ u) > 0.98
+    assert res.accuracy > 0.8
+    # without the blank every position is a row (background rows dilute the concept)
+    assert len(position_rows(pos, None, max_rows=None)) == n * h * w
+    # max_rows: a seeded subset
+    sub = position_rows(pos, blank, max_rows=50, seed=3)
+    assert len(sub) == 50 and torch.equal(sub, position_rows(pos, blank, max_rows=50, seed=3))
+    with pytest.raises(CdistillError, match="conv maps"):
+        position_rows(pos.reshape(n, -1))

@@ -82,6 +82,8 @@ def test_artefacts_round_trip_bitwise(dm: ColorMNISTDataModule, tmp_path: Path) 
     module = make(lambda_c=1.0, lambda_p=0.1, prototypes={"k": 2})
     module.fit_artefacts(dm)
     path = tmp_path / "m.pt"
+    # config-derived buffers stay out of checkpoints (older checkpoints load strictly)
+    assert not {"subspace", "subspace_rank"} & set(module.state_dict())
     torch.save(module.state_dict(), path)
     fresh = make(lambda_c=1.0, lambda_p=0.1, prototypes={"k": 2})
     fresh.load_state_dict(torch.load(path, weights_only=True))
@@ -94,6 +96,25 @@ def test_artefacts_round_trip_bitwise(dm: ColorMNISTDataModule, tmp_path: Path) 
     assert torch.equal(fresh.compute_losses(batch)["loss"], module.compute_losses(batch)["loss"])
 
 
+@pytest.mark.parametrize(("layer", "form"), [("conv1", "prototype"), ("conv1", "logit"), ("input", "logit")])
+def test_position_mode_fits_channel_cavs(dm: ColorMNISTDataModule, layer: str, form: str) -> None:
+    """cav_mode=position: CAVs live in the C-dim channel space of the layer (3 colour channels
+    at the input), the colour CAVs pass the gate there, and the loss trains conv1."""
+    subspace_terms = [{"concept": "color_{y}", "negative": "grey"},
+                      {"concept": "color_{y}", "negative": "grey", "subspace": True, "rank": 2, "name": "colours"}]
+    module = make(layer=layer, form=form, lambda_c=1.0, target="margin",
+                  concepts={"spec": "concepts/color_mnist.yaml", "terms": subspace_terms, "cav_mode": "position"})
+    module.fit_artefacts(dm)
+    assert module.cavs.dim == (module.student.conv1.out_channels if layer == "conv1" else 3)
+    assert float(module.cavs.accuracies.min()) > 0.7
+    out = module.compute_losses(_batch(dm))
+    assert {"concept/color_y", "concept/colours"} <= set(out)
+    for key in ("concept/color_y", "concept/colours"):
+        assert 0 <= out[key].item() <= 1 + 1e-6
+    (g,) = torch.autograd.grad(out["concept"], module.student.conv1.weight)
+    assert g.abs().sum() > 0
+
+
 def test_bad_configuration_is_clear() -> None:
     with pytest.raises(CdistillError, match="conv2"):
         make(layer="conv3")
@@ -101,6 +122,8 @@ def test_bad_configuration_is_clear() -> None:
         make(concepts={"spec": "concepts/color_mnist.yaml", "terms": []})
     with pytest.raises(CdistillError, match="direction"):
         make(concepts={"spec": "x", "terms": [{"concept": "a", "direction": "sideways"}]})
+    with pytest.raises(CdistillError, match="cav_mode"):
+        make(concepts={"spec": "x", "terms": TERMS, "cav_mode": "pixel"})
 
 
 def test_unknown_concept_and_gate(dm: ColorMNISTDataModule) -> None:
