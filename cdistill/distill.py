@@ -362,12 +362,16 @@ class ConceptDistillModule(ClassifierModule):
         last_batch = batch_idx + 1 >= int(trainer.num_training_batches)
         return last_batch and (self.current_epoch + 1) % every_epochs == 0
 
+    def _layer_erasers(self) -> tuple[dict[str, nn.Module], dict[str, str]]:
+        """Layer path -> eraser and layer path -> mode, in spec order."""
+        erasers = {s.layer: self.erasers[eraser_key(s.layer)] for s in self.erasure_specs}
+        return erasers, {s.layer: s.mode for s in self.erasure_specs}
+
     def _erasing(self) -> AbstractContextManager[None]:
         """Context applying the erasers, once fitted (before that, e.g. a bare module: none)."""
         if not self.erasure_specs or not bool(self.artefacts_fitted):
             return nullcontext()
-        erasers = {s.layer: self.erasers[eraser_key(s.layer)] for s in self.erasure_specs}
-        return erase(self.student, erasers, {s.layer: s.mode for s in self.erasure_specs})
+        return erase(self.student, *self._layer_erasers())
 
     def _broadcast_artefacts(self) -> None:
         trainer = self._trainer
@@ -487,8 +491,7 @@ class ConceptDistillModule(ClassifierModule):
             ``test/bias_probe_chance``; with several layers the keys end in ``/<layer>``.
         """
         loader = torch.utils.data.DataLoader(datamodule.split("val"), batch_size=self.hparams["fit_batch_size"])
-        erasers = {s.layer: self.erasers[eraser_key(s.layer)] for s in self.erasure_specs}
-        modes = {s.layer: s.mode for s in self.erasure_specs}
+        erasers, modes = self._layer_erasers()
         nb = self.hparams["num_bias_groups"]
         out: dict[str, float] = {}
         for spec in self.erasure_specs:

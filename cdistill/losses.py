@@ -28,31 +28,6 @@ from cdistill.errors import CdistillError
 DIRECTIONS = ("desensitize", "sensitize")
 
 
-def cosine_to_cavs(grads: Tensor, cavs: Tensor, eps: float = 1e-12) -> Tensor:
-    """Cosine between per-sample gradients and per-sample CAVs.
-
-    Args:
-        grads: ``[B, d]`` gradient directions.
-        cavs: ``[T, B, d]`` one CAV per term and sample (or ``[B, d]`` for one term).
-
-    Returns:
-        ``[T, B]`` cosines (``[B]`` for a single term).
-    """
-    if grads.shape[-1] != cavs.shape[-1]:
-        raise CdistillError(
-            f"Gradient dimension {grads.shape[-1]} does not match CAV dimension {cavs.shape[-1]}: "
-            "the CAVs were fitted at another layer."
-        )
-    num = (grads * cavs).sum(-1)
-    den = grads.norm(dim=-1) * cavs.norm(dim=-1)
-    return num / den.clamp_min(eps)
-
-
-def concept_term(cos: Tensor, sensitize: Tensor | bool) -> Tensor:
-    """Per-sample concept loss from a cosine: ``|cos|`` (desensitize) or ``1 - cos``."""
-    return torch.where(torch.as_tensor(sensitize, device=cos.device), 1 - cos, cos.abs())
-
-
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``values [T, B]`` over ``mask [T, B]`` per row -> ``[T]`` (0 for empty rows)."""
     m = mask.to(values.dtype)
