@@ -40,6 +40,7 @@ from cdistill.erasure.hooks import (
     specs_from_config,
 )
 from cdistill.errors import CdistillError
+from cdistill.feature_cache import cached_tensors, fingerprint
 from cdistill.losses import (
     CAV_MODES,
     DIRECTIONS,
@@ -56,9 +57,12 @@ from cdistill.losses import (
 from cdistill.module import Batch, ClassifierModule, to_plain
 from cdistill.prototypes import PrototypeFitter, Prototypes
 from cdistill.students import first_conv
+from cdistill.teacher_stage import check_teacher_config, map_concept_sets
 
 log = logging.getLogger(__name__)
 FORMS = ("prototype", "logit")
+#: Key of the blank reference image among the concept maps (``position`` mode).
+BLANK = "__blank__"
 
 
 def term_name(term: Mapping[str, Any]) -> str:
@@ -100,6 +104,12 @@ class ConceptDistillModule(ClassifierModule):
             :data:`cdistill.erasure.METHODS`), ``concept`` (batch key of the concept ids,
             ``bias``), ``positive`` (ClArC), ``options``, ``refit_every_n_steps`` and
             ``refit_every_n_epochs`` (0 and 0: fitted once on the base model). ``None``: no erasure.
+        teacher: ``None`` (CAVs fitted on the student's own activations) or the teacher stage's
+            config (:mod:`cdistill.teacher_stage`: ``name``, ``layer``, ``pca_dims``, ``mapping``,
+            ``cav_space`` ...): CAVs are fitted on the teacher's features of the concept images
+            mapped into the student's layer space (DESIGN.md section 2.5). The teacher is used
+            once, before training, and is never a submodule (not trained, not in the optimizer,
+            not wrapped by DDP, not in checkpoints).
         fit_batch_size: Batch size for computing activations when fitting artefacts.
         **kwargs: :class:`ClassifierModule` arguments (``student``, ``optimizer`` ...).
     """
@@ -116,6 +126,7 @@ class ConceptDistillModule(ClassifierModule):
         prototypes: Mapping[str, Any] | None = None,
         local: Mapping[str, Any] | None = None,
         erasure: Mapping[str, Any] | None = None,
+        teacher: Mapping[str, Any] | None = None,
         fit_batch_size: int = 500,
         **kwargs: Any,
     ) -> None:
@@ -124,6 +135,7 @@ class ConceptDistillModule(ClassifierModule):
         prototypes = dict(to_plain(prototypes) or {})
         local = dict(to_plain(local) or {})
         erasure = dict(to_plain(erasure) or {}) or None
+        teacher = dict(to_plain(teacher) or {}) or None
         if form not in FORMS:
             raise CdistillError(f"model.form={form!r}: use one of {FORMS}.")
         if target not in LOGIT_TARGETS:
@@ -141,6 +153,13 @@ class ConceptDistillModule(ClassifierModule):
                 f"model.concepts.position_weight={concepts['position_weight']!r}: use one of {POSITION_WEIGHTS}."
             )
         resolve_module(self.student, layer)  # a wrong layer fails now, listing close names
+        if teacher is not None:
+            check_teacher_config(teacher)
+            if int(concepts.get("refresh_every_n_steps", 0)) > 0:
+                raise CdistillError(
+                    "Teacher-space CAVs are fitted once, before training: set "
+                    "model.concepts.refresh_every_n_steps=0 (or model.teacher=null)."
+                )
         self.erasure_specs: list[ErasureSpec] = specs_from_config(erasure) if erasure else []
         for spec in self.erasure_specs:
             resolve_module(self.student, spec.layer)
@@ -148,11 +167,14 @@ class ConceptDistillModule(ClassifierModule):
             {
                 "layer": layer, "form": form, "target": target, "lambda_c": lambda_c, "lambda_p": lambda_p,
                 "lambda_l": lambda_l, "concepts": concepts, "prototypes": prototypes,
-                "local": local, "erasure": erasure, "fit_batch_size": fit_batch_size,
+                "local": local, "erasure": erasure, "teacher": teacher, "fit_batch_size": fit_batch_size,
             }
         )
         self.layer = layer
         self.terms = terms
+        self.teacher_cfg = teacher
+        #: Figures of the last artefact fit (CAV accuracies per space, mapping terms): train() reports them.
+        self.artefact_metrics: dict[str, float] = {}
         num_classes = self.hparams["num_classes"]
         self.cavs = CAVBank()
         self.prototypes = Prototypes()
@@ -206,8 +228,40 @@ class ConceptDistillModule(ClassifierModule):
         """``flatten`` or ``position`` (see the class docstring)."""
         return str(self.hparams["concepts"].get("cav_mode", "flatten"))
 
-    def concept_activations(self, datamodule: Any) -> dict[str, Tensor]:
-        """CAV training rows of every set in the concept spec, at ``layer``.
+    def concept_maps(self, datamodule: Any) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Images and student activations of every set in the concept spec, at ``layer``.
+
+        Returns:
+            ``(images, maps)``: set name -> ``uint8 [N, C, H, W]``, and set name -> activations
+            ``[N, *shape]`` (not flattened). In ``position`` mode both also hold a blank image
+            under :data:`BLANK` (the reference for :func:`cdistill.cav.position_rows`). With a
+            teacher the activations are cached on disk (see :mod:`cdistill.feature_cache`).
+        """
+        spec = self.hparams["concepts"].get("spec")
+        if not spec:
+            raise CdistillError("model.concepts.spec is not set: give the concept-set YAML spec.")
+        kw = {"channels": datamodule.num_channels, "size": datamodule.image_size}
+        images = load_spec(spec, **kw)
+        if self.cav_mode == "position":
+            first = next(iter(images.values()))
+            images[BLANK] = torch.zeros_like(first[:1])
+
+        def compute() -> dict[str, Tensor]:
+            return {
+                name: collect_activations(
+                    self.student, self.layer, self._loader(preprocess(x, datamodule.normalize, **kw)), flatten=False
+                ).cpu()
+                for name, x in images.items()
+            }
+
+        if self.teacher_cfg is None:
+            return images, compute()
+        key = fingerprint(self.student, self.layer, images, datamodule.mean, datamodule.std, kw)
+        maps = cached_tensors(self.teacher_cfg.get("cache_dir"), "student", key, compute)
+        return images, {k: v.to(self.device) for k, v in maps.items()}
+
+    def cav_rows(self, maps: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """CAV training rows of every set from its activations (see :meth:`concept_maps`).
 
         Returns:
             ``{name: [N, d]}`` flattened activations (``cav_mode=flatten``), or
@@ -215,27 +269,19 @@ class ConceptDistillModule(ClassifierModule):
             (``cav_mode=position``).
         """
         cfg = self.hparams["concepts"]
-        spec = cfg.get("spec")
-        if not spec:
-            raise CdistillError("model.concepts.spec is not set: give the concept-set YAML spec.")
-        sets = load_spec(spec, channels=datamodule.num_channels, size=datamodule.image_size)
-        kw = {"channels": datamodule.num_channels, "size": datamodule.image_size}
-        position = self.cav_mode == "position"
-        blank: Tensor | None = None
         out = {}
-        for i, (name, images) in enumerate(sets.items()):
-            x = preprocess(images, datamodule.normalize, **kw)
-            acts = collect_activations(self.student, self.layer, self._loader(x), flatten=not position)
-            if position:
-                if blank is None:
-                    empty = preprocess(torch.zeros_like(images[:1]), datamodule.normalize, **kw)
-                    blank = collect_activations(self.student, self.layer, self._loader(empty), flatten=False)[0]
+        for i, (name, acts) in enumerate((k, v) for k, v in maps.items() if k != BLANK):
+            if self.cav_mode == "position":
                 acts = position_rows(
-                    acts, blank, threshold=float(cfg.get("position_threshold", 0.1)),
+                    acts, maps[BLANK][0], threshold=float(cfg.get("position_threshold", 0.1)),
                     max_rows=cfg.get("max_rows", 20000), seed=i,
                 )
-            out[name] = acts
+            out[name] = acts.flatten(1) if self.cav_mode != "position" else acts
         return out
+
+    def concept_activations(self, datamodule: Any) -> dict[str, Tensor]:
+        """CAV training rows of every set in the concept spec, in student space (see :meth:`cav_rows`)."""
+        return self.cav_rows(self.concept_maps(datamodule)[1])
 
     def _negative(self, acts: Mapping[str, Tensor], name: str) -> Tensor:
         if name in acts:
@@ -309,17 +355,51 @@ class ConceptDistillModule(ClassifierModule):
         self.input_mean = datamodule.mean.to(self.device)
         self.input_std = datamodule.std.to(self.device)
         if self.needs_cavs:
-            acts = self.concept_activations(datamodule)
-            bank, index = self.fit_cavs(acts)
+            images, maps = self.concept_maps(datamodule)
+            bank, index = self.fit_cavs(self.cav_rows(maps))
+            self.artefact_metrics = {"cav/acc_student": float(bank.accuracies.mean())}
+            if self.teacher_cfg is not None:
+                bank, index = self._teacher_cavs(images, maps, bank, index)
             self.cavs = bank.to(self.device)
             self.cav_index = index
             log.info("fitted %d CAVs at %s: accuracies %s", len(bank), self.layer, [round(float(a), 3) for a in bank.accuracies])
+            for lg in self.loggers:
+                lg.log_metrics(self.artefact_metrics, step=0)
         if self.needs_prototypes:
             self.prototypes = self.fit_prototypes(datamodule).to(self.device)
         if self.erasure_specs:
             self.fit_erasers(datamodule)
         self._broadcast_artefacts()
         self.artefacts_fitted = torch.tensor(True, device=self.device)
+
+    def _teacher_cavs(
+        self, images: Mapping[str, Tensor], maps: Mapping[str, Tensor], bank: CAVBank, index: Tensor
+    ) -> tuple[CAVBank, Tensor]:
+        """Map the teacher's features of the concept images into the student's layer space and
+        fit the CAVs there too; return the bank that ``teacher.cav_space`` selects.
+
+        Records both spaces' held-out CAV accuracies side by side in ``artefact_metrics``
+        (``cav/acc_student``, ``cav/acc_teacher``, ``cav/acc_<space>/<concept>``) and the
+        mapping's ``L_map`` terms (``teacher/map_*``).
+        """
+        cfg = self.teacher_cfg
+        assert cfg is not None
+        stage = map_concept_sets(cfg, images, maps, exclude=(BLANK,))
+        t_bank, t_index = self.fit_cavs(self.cav_rows({k: v.to(self.device) for k, v in stage.mapped.items()}))
+        m = self.artefact_metrics
+        m["cav/acc_teacher"] = float(t_bank.accuracies.mean())
+        for space, b in (("student", bank), ("teacher", t_bank)):
+            for concept, acc in zip(b.concepts, b.accuracies.tolist(), strict=True):
+                m[f"cav/acc_{space}/{concept}"] = float(acc)
+        m |= stage.metrics()
+        for lg in self.loggers:
+            for row in stage.fit.history:
+                lg.log_metrics({f"teacher/map_{k}": v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        log.info("CAV held-out accuracy, student space %.3f vs mapped teacher space %.3f; using %s space",
+                 m["cav/acc_student"], m["cav/acc_teacher"], cfg.get("cav_space", "teacher"))
+        if cfg.get("cav_space", "teacher") == "teacher":
+            return t_bank, t_index
+        return bank, index
 
     def fit_erasers(self, datamodule: Any) -> None:
         """Fit the erasers on the whole train split with the current student.

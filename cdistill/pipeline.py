@@ -59,6 +59,26 @@ def distill_config(cfg: DictConfig, base_ckpt: str, out: Path) -> DictConfig:
     return cd
 
 
+#: The paper's ablation: (teacher on?, prototypes on?) -> column name.
+ABLATION = {(True, True): "teacher, prototypes", (True, False): "teacher, no prototypes",
+            (False, True): "no teacher, prototypes", (False, False): "no teacher, no prototypes"}
+
+
+def variant_config(cfg: DictConfig, teacher: bool, prototypes: bool) -> DictConfig:
+    """The experiment with the teacher on/off and the prototype form on/off (off: the logit form)."""
+    var = cfg.copy()
+    with open_dict(var):
+        if not teacher:
+            var.model.teacher = None
+        var.model.form = "prototype" if prototypes else "logit"
+    return var
+
+
+def ablation_key(cfg: DictConfig) -> tuple[bool, bool]:
+    """Which ablation cell the experiment itself is."""
+    return cfg.model.get("teacher") is not None, cfg.model.form == "prototype"
+
+
 def bias_tcav(model: torch.nn.Module, cfg: DictConfig, datamodule: Any) -> dict[str, float]:
     """TCAV of each class's bias concept (``pipeline.tcav.concept``, ``{y}`` = class) on the
     in-distribution validation images of that class, against the spec's random sets.
@@ -137,6 +157,37 @@ def write_report(rows: list[dict[str, str]], per_seed: list[dict[str, Any]], out
     return text
 
 
+def _mean_std(vals: Sequence[float], scale: float = 100.0) -> str:
+    if not vals:
+        return "-"
+    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    return f"{scale * np.mean(vals):.2f} ± {scale * std:.2f}"
+
+
+def write_ablation(per_seed: Sequence[Mapping[str, Any]], protocols: Sequence[str], out: Path, task: str) -> str:
+    """The paper's ablation (teacher on/off x prototypes on/off) as ``pipeline_ablation.md``.
+
+    Rows: the four variants and the base model; columns: reversed-bias test accuracy per
+    protocol, and the mean held-out accuracy of the CAVs the loss used (student or mapped
+    teacher space).
+    """
+    head = [f"test acc ({p})" for p in protocols] + ["CAV acc (student space)", "CAV acc (teacher space)"]
+    md = [f"# {task}: teacher x prototypes ablation", "", "| variant | " + " | ".join(head) + " |",
+          "|---" * (len(head) + 1) + "|"]
+    base = [_mean_std([r["base"][f"{p}/test/acc"] for r in per_seed if f"{p}/test/acc" in r["base"]]) for p in protocols]
+    md.append("| base model | " + " | ".join([*base, "-", "-"]) + " |")
+    for name in ABLATION.values():
+        runs = [r["ablation"][name] for r in per_seed if name in r.get("ablation", {})]
+        cells = [_mean_std([m[f"{p}/test/acc"] for m in runs if f"{p}/test/acc" in m]) for p in protocols]
+        cells += [_mean_std([m[k] for m in runs if k in m], 1.0).replace(" ± ", "±") for k in ("cav/acc_student", "cav/acc_teacher")]
+        md.append(f"| {name} | " + " | ".join(cells) + " |")
+    md += ["", f"Reversed-bias test accuracy %, mean ± std over {len(per_seed)} seed(s), every variant "
+           "fine-tuned from the same base model per seed. No prototypes = the logit form."]
+    text = "\n".join(md) + "\n"
+    (out / "pipeline_ablation.md").write_text(text)
+    return text
+
+
 def run_pipeline(cfg: DictConfig) -> list[dict[str, Any]]:
     """Run base -> concept distillation -> evaluation for every seed in ``pipeline.seeds``."""
     if "layer" not in cfg.model or (cfg.pipeline.tcav.enabled and not cfg.pipeline.tcav.concept):
@@ -155,6 +206,14 @@ def run_pipeline(cfg: DictConfig) -> list[dict[str, Any]]:
         base_ckpt = out / "base" / STUDENT_FILE  # the base model's weights after its last epoch
         cd_metrics = train(distill_config(run_cfg, str(base_ckpt), out / "cd"))
         record: dict[str, Any] = {"seed": int(seed), "base": base_metrics, "cd": cd_metrics}
+        if cfg.pipeline.get("ablation"):
+            # The other three cells from the same base model (the experiment itself is the fourth).
+            own = ablation_key(run_cfg)
+            record["ablation"] = {ABLATION[own]: cd_metrics}
+            for key, name in ABLATION.items():
+                if key != own:
+                    var = variant_config(run_cfg, *key)
+                    record["ablation"][name] = train(distill_config(var, str(base_ckpt), out / f"cd_{name.replace(', ', '_').replace(' ', '-')}"))
         if cfg.pipeline.tcav.enabled:
             datamodule = instantiate(run_cfg.data)
             datamodule.setup("fit")
@@ -162,8 +221,11 @@ def run_pipeline(cfg: DictConfig) -> list[dict[str, Any]]:
             cd_ckpt = out / "cd" / STUDENT_FILE
             record["cd"].update(_tcav_of(str(cd_ckpt), run_cfg, datamodule))
         per_seed.append(record)
-    rows = summarize(per_seed, list(cfg.get("protocols") or {"last": None}))
+    protocols = list(cfg.get("protocols") or {"last": None})
+    rows = summarize(per_seed, protocols)
     text = write_report(rows, per_seed, root, f"{cfg.task_name}: base vs concept distillation")
+    if cfg.pipeline.get("ablation"):
+        text += "\n" + write_ablation(per_seed, protocols, root, str(cfg.task_name))
     log.info("\n" + text + f"\nwritten to {root}/pipeline.md, pipeline.csv, pipeline.json")
     return per_seed
 

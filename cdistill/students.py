@@ -170,16 +170,24 @@ def _torchvision_student(name: str, num_classes: int, in_chans: int, pretrained:
     return model
 
 
-def load_weights(model: nn.Module, checkpoint_path: str | Path) -> None:
+def load_weights(
+    model: nn.Module, checkpoint_path: str | Path, *, role: str = "student", key: str = "model.student.checkpoint_path"
+) -> None:
     """Load a local state dict (plain, or a cdistill/Lightning checkpoint) into ``model``.
 
     Uses ``torch.load(weights_only=True)``: no arbitrary pickles are executed.
+
+    Args:
+        model: The freshly built model.
+        checkpoint_path: The file.
+        role: ``student`` or ``teacher`` (for error messages).
+        key: The config key that gave the path (for error messages).
     """
     path = Path(checkpoint_path).expanduser()
     if not path.is_file():
         raise CdistillError(
-            f"Student checkpoint {str(path)!r} does not exist. "
-            "Fix model.student.checkpoint_path (or set it to null to start from scratch)."
+            f"{role.capitalize()} checkpoint {str(path)!r} does not exist. "
+            f"Fix {key} (or set it to null to start from scratch)."
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
@@ -199,9 +207,9 @@ def load_weights(model: nn.Module, checkpoint_path: str | Path) -> None:
     ]
     if missing or unexpected or wrong:
         raise CdistillError(
-            f"Checkpoint {str(path)!r} does not match the student architecture: "
+            f"Checkpoint {str(path)!r} does not match the {role} architecture: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}. "
-            "Check model.student.name / num_classes / in_chans against the checkpoint."
+            f"Check the {role}'s name / num_classes / in_chans against the checkpoint ({key})."
         )
     model.load_state_dict(state)
 

@@ -111,7 +111,7 @@ def _report(metrics: dict[str, float], output_dir: str, protocols: Mapping[str, 
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     (Path(output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     prefixes = set(protocols) | {"train"}
-    splits = sorted({k.split("/")[0] for k in metrics if "/" in k and k.split("/")[0] not in prefixes})
+    splits = sorted({k.split("/")[0] for k in metrics if k.endswith("/acc") and k.count("/") == 1} - prefixes)
     lines = ["", f"{'split':<22}{'acc':>8}{'aligned':>10}{'conflict':>10}"]
     for split in splits:
         row = [metrics.get(f"{split}/{m}") for m in ("acc", "acc_aligned", "acc_conflicting")]
@@ -177,6 +177,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics.update(_as_floats(trainer.callback_metrics))
+        metrics.update(getattr(model, "artefact_metrics", {}))  # e.g. CAV accuracies in both spaces
         _save_student(model, output_dir)
     if cfg.get("test", True):
         metrics.update(_test(trainer, model, datamodule, protocols, selectors))
