@@ -203,8 +203,13 @@ def concept_loss(
     # Every ratio below is invariant to a positive per-sample scale: rescale each sample to a
     # max-abs of 1 so that tiny gradients (a saturated model) neither underflow in the norms
     # nor meet the eps floor.
+    # A sample whose gradient has (nearly) underflowed has no usable direction, and dividing by
+    # its scale would overflow in the backward pass (1/denormal = inf, then inf * 0 = NaN in the
+    # weights): such samples are left out of the term's mean.
     scale = grads.detach().abs().amax(dim=(1, 2), keepdim=True)
-    grads = grads / torch.where(scale > 0, scale, torch.ones_like(scale))
+    # sqrt(smallest normal): ~1e-19 in float32, ~1e-154 in float64; 1/scale stays far from overflow.
+    usable = scale > torch.finfo(grads.dtype).tiny ** 0.5
+    grads = torch.where(usable, grads / torch.where(usable, scale, torch.ones_like(scale)), torch.zeros_like(grads))
     if grads.shape[-1] != cavs.shape[-1]:
         raise CdistillError(
             f"Gradient dimension {grads.shape[-1]} does not match CAV dimension {cavs.shape[-1]}: "
@@ -216,7 +221,7 @@ def concept_loss(
     unit = cavs / cavs.norm(dim=-1, keepdim=True).clamp_min(eps)
     norms = grads.norm(dim=-1)  # [B, P]
     rows = cav_index[:, labels]  # [T, B]
-    applies = rows >= 0
+    applies = (rows >= 0) & usable.view(1, -1)
     per_sample = []
     for t in range(num_terms):
         sens = bool(sensitize[t])

@@ -254,7 +254,8 @@ def fit_mapping(
 
     Returns:
         The weights of the best validation epoch, and the history: per epoch ``recon``,
-        ``match`` (training means), ``val_recon``, ``val_match``.
+        ``match`` (training means), ``val_recon``, ``val_match`` and ``val_match_rel``
+        (``val_match`` over the variance of the student's activations).
     """
     if len(teacher) != len(student):
         raise CdistillError(f"Mapping: {len(teacher)} teacher rows but {len(student)} student rows; they must pair up.")
@@ -264,6 +265,7 @@ def fit_mapping(
     order = torch.randperm(len(teacher), generator=gen)
     n_val = round(len(teacher) * val_fraction) if val_fraction > 0 else 0
     val_idx, tr_idx = order[:n_val].to(teacher.device), order[n_val:].to(teacher.device)
+    s_var = max(float(student[val_idx].var()) if n_val > 1 else float(student.var()), 1e-12)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(patience // 2, 1))
     fit = MappingFit(model)
@@ -284,7 +286,8 @@ def fit_mapping(
         with torch.no_grad():
             if n_val:
                 vr, vm = _terms(model, teacher[val_idx], student[val_idx])
-                row |= {"val_recon": float(vr), "val_match": float(vm)}
+                # Relative to the variance of the student's activations: 0 perfect, 1 no better than the mean.
+                row |= {"val_recon": float(vr), "val_match": float(vm), "val_match_rel": float(vm) / s_var}
         fit.history.append(row)
         score = row.get("val_recon", row["recon"]) + row.get("val_match", row["match"])
         sched.step(score)

@@ -246,3 +246,19 @@ def test_logit_targets() -> None:
     g_lp = logprob_gradient(a, a @ head.T, lab, "logprob")
     g_m = logprob_gradient(a, a @ head.T, lab, "margin")
     assert g_lp.abs().max() < 1e-6 and g_m.abs().max() > 0.5
+
+
+def test_underflowed_gradients_are_left_out_not_nan() -> None:
+    # A saturated log-probability gives gradients at the edge of float32 (denormals): their
+    # direction is meaningless and 1/scale would be inf in the backward pass.
+    w = torch.randn(2, 6, requires_grad=True)
+    grads = torch.cat([torch.randn(1, 6), torch.full((1, 6), 1e-39)]) * w  # sample 1 underflowed
+    cavs = F.normalize(torch.randn(1, 6), dim=1)
+    index = torch.zeros(1, 2, dtype=torch.long)
+    loss, per_term = concept_loss(grads, torch.tensor([0, 1]), cavs, index, torch.tensor([False]), torch.ones(1))
+    loss.backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all() and torch.isfinite(loss)
+    g0 = grads[0].detach()
+    expected = (g0 @ cavs[0]).abs() / g0.norm()  # the mean over the one usable sample
+    assert torch.allclose(per_term[0], expected, atol=1e-6)
+    assert torch.count_nonzero(w.grad[1]) == 0
