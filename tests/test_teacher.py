@@ -100,7 +100,7 @@ def test_vit_teacher_features() -> None:
         ([], "cnn"),
         (["model.teacher.name=timm:vit_tiny_patch16_224", "model.teacher.layer=blocks.1",
           "model.teacher.mean=[0.5,0.5,0.5]", "model.teacher.std=[0.5,0.5,0.5]",
-          f"+model.teacher.model_kwargs={{img_size:28,patch_size:4,embed_dim:16,depth:2,num_heads:2,num_classes:0}}",
+          "+model.teacher.model_kwargs={img_size:28,patch_size:4,embed_dim:16,depth:2,num_heads:2,num_classes:0}",
           "model.teacher.mapping.resize=true"], "vit"),
     ],
 )
@@ -142,7 +142,7 @@ def test_mapping_layers_follow_the_grids() -> None:
 def test_unjoinable_shapes_name_both_and_the_key() -> None:
     with pytest.raises(CdistillError, match=r"\(8, 7, 7\).*\(6, 8, 8\).*model\.teacher\.mapping\.resize"):
         MappingAutoencoder((8, 7, 7), (6, 8, 8))
-    with pytest.raises(CdistillError, match="model.teacher.mapping.kind=linear"):
+    with pytest.raises(CdistillError, match=r"model\.teacher\.mapping\.kind=linear"):
         MappingAutoencoder((8,), (6, 8, 8), kind="conv")
 
 
@@ -217,7 +217,7 @@ def test_teacher_stage_uses_the_cache(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_bad_teacher_input(tmp_path: Path) -> None:
-    with pytest.raises(CdistillError, match="does not exist.*model.teacher.checkpoint_path"):
+    with pytest.raises(CdistillError, match=r"does not exist.*model\.teacher\.checkpoint_path"):
         _tiny_cnn_teacher(checkpoint_path=str(tmp_path / "missing.pt"))
     wrong = tmp_path / "wrong.pt"
     torch.save(DigitsAutoencoder(width=8).state_dict(), wrong)
@@ -228,7 +228,7 @@ def test_bad_teacher_input(tmp_path: Path) -> None:
         fixed.features(_images(2, size=32))
     with pytest.raises(CdistillError, match="Unknown layer"):
         create_teacher("cdistill:digits_ae", "encoder.conv9", model_kwargs={"width": 4})
-    with pytest.raises(CdistillError, match="model.teacher.cav_space"):
+    with pytest.raises(CdistillError, match=r"model\.teacher\.cav_space"):
         stage_mod.check_teacher_config({"name": "x", "layer": "y", "cav_space": "both"})
 
 
@@ -254,3 +254,28 @@ def test_ablation_variants_and_table(tmp_path: Path) -> None:
     per_seed = [{"base": {"strict/test/acc": 0.05}, "ablation": runs}]
     text = write_ablation(per_seed, ["strict"], tmp_path, "task")
     assert "| no teacher, no prototypes | 30.00 ± 0.00 |" in text and (tmp_path / "pipeline_ablation.md").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.core
+def test_teacher_stage_under_ddp_sim_matches_single_process(tmp_path: Path) -> None:
+    """2 gloo processes hold the same teacher-space CAVs as 1 process (the teacher itself is
+    never wrapped by DDP: it is not a submodule)."""
+    from conftest import one_sgd_step_run
+
+    shrink = [s for s in SHRINK if s not in ("debug=fdr", "data.max_train_samples=128")]
+    single = one_sgd_step_run(tmp_path, "single", "color_mnist/cd_teacher", ["trainer=cpu", "data.batch_size=32", *shrink])
+    ddp = one_sgd_step_run(tmp_path, "ddp", "color_mnist/cd_teacher", ["trainer=ddp_sim", "data.batch_size=16", *shrink])
+    assert not any("teacher" in k for k in ddp)
+    for key in ("cavs.vectors", "prototypes.centers", "cav_index"):
+        assert torch.allclose(single[key].double(), ddp[key].double(), atol=1e-5), key
+
+
+def test_dino_config_composes_and_names_a_missing_checkpoint(make_cfg: MakeCfg, tmp_path: Path) -> None:
+    from cdistill.train import instantiate
+
+    cfg = make_cfg("experiment=color_mnist/cd_teacher", "teacher@model.teacher=dino_vitb8",
+                   f"model.teacher.checkpoint_path={tmp_path / 'dino_vitb8.pth'}")
+    assert cfg.model.teacher.name == "timm:vit_base_patch8_224.dino" and cfg.model.teacher.pca_dims == 64
+    with pytest.raises(CdistillError, match=r"dino_vitb8\.pth.*does not exist.*model\.teacher\.checkpoint_path"):
+        instantiate(cfg.model)
