@@ -259,8 +259,10 @@ def fit_mapping(
     """
     if len(teacher) != len(student):
         raise CdistillError(f"Mapping: {len(teacher)} teacher rows but {len(student)} student rows; they must pair up.")
-    torch.manual_seed(seed)
-    model = MappingAutoencoder(tuple(teacher.shape[1:]), tuple(student.shape[1:]), kind, hidden, resize).to(teacher.device)
+    with torch.random.fork_rng(devices=[]):  # seeded init without resetting the caller's RNG stream
+        torch.manual_seed(seed)
+        model = MappingAutoencoder(tuple(teacher.shape[1:]), tuple(student.shape[1:]), kind, hidden, resize)
+    model = model.to(teacher.device)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(teacher), generator=gen)
     n_val = round(len(teacher) * val_fraction) if val_fraction > 0 else 0

@@ -116,10 +116,11 @@ def train_digits_ae(settings: Mapping[str, Any]) -> tuple[DigitsAutoencoder, lis
         The model (eval mode) and the mean training loss of each epoch.
     """
     s = {**TRAIN_DEFAULTS, **settings}
-    torch.manual_seed(int(s["seed"]))
     images = bias_free_images(int(s["images"]), int(s["seed"]))
     x_all = (images.float() / 255.0 - 0.5) / 0.5
-    model = DigitsAutoencoder(int(s.get("width", 32)))
+    with torch.random.fork_rng(devices=[]):  # seeded init; the caller's RNG stream is left alone
+        torch.manual_seed(int(s["seed"]))
+        model = DigitsAutoencoder(int(s.get("width", 32)))
     opt = torch.optim.Adam(model.parameters(), lr=float(s["lr"]))
     gen = torch.Generator().manual_seed(int(s["seed"]) + 1)
     history = []

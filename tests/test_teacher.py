@@ -279,3 +279,12 @@ def test_dino_config_composes_and_names_a_missing_checkpoint(make_cfg: MakeCfg, 
     assert cfg.model.teacher.name == "timm:vit_base_patch8_224.dino" and cfg.model.teacher.pca_dims == 64
     with pytest.raises(CdistillError, match=r"dino_vitb8\.pth.*does not exist.*model\.teacher\.checkpoint_path"):
         instantiate(cfg.model)
+
+
+def test_mapping_fit_leaves_the_global_rng_alone() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    fit_mapping(torch.randn(20, 4, generator=torch.Generator().manual_seed(0)),
+                torch.randn(20, 3, generator=torch.Generator().manual_seed(1)), epochs=2, seed=7)
+    assert torch.equal(torch.rand(3), expected)
