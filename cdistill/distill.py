@@ -250,7 +250,7 @@ class ConceptDistillModule(ClassifierModule):
             return {
                 name: collect_activations(
                     self.student, self.layer, self._loader(preprocess(x, datamodule.normalize, **kw)), flatten=False
-                ).cpu()
+                )
                 for name, x in images.items()
             }
 
