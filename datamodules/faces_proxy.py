@@ -68,7 +68,7 @@ class ProxySettings:
     n_test: int = 600
     conflict_ratio: float = 0.005
     size: int = 64
-    wrinkle_contrast: float = 0.35
+    wrinkle_contrast: float = 0.9
     seed: int = 0
 
     @property
@@ -257,7 +257,7 @@ class FacesProxyDataModule(BFFHQDataModule):
         n_test: int = 600,
         conflict_ratio: float = 0.005,
         proxy_size: int = 64,
-        wrinkle_contrast: float = 0.35,
+        wrinkle_contrast: float = 0.9,
         proxy_seed: int = 0,
         **kwargs: Any,
     ) -> None:
