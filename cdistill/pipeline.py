@@ -105,6 +105,7 @@ def _tcav_of(ckpt: str, cfg: DictConfig, datamodule: Any) -> dict[str, float]:
 
 ROWS = [
     ("test/acc", "test acc"),
+    ("test/acc_aligned", "test acc, bias-aligned"),
     ("test/acc_conflicting", "test acc, bias-conflicting"),
 ]
 
@@ -138,6 +139,8 @@ def summarize(per_seed: Sequence[Mapping[str, Mapping[str, float]]], protocols: 
     if any("tcav" in r["base"] for r in per_seed):
         rows.append({"metric": "bias TCAV score", "base": cell("base", "tcav", 1), "cd": cell("cd", "tcav", 1)})
         rows.append({"metric": "bias TCAV p (Holm, median)", "base": cell("base", "tcav_p", 1), "cd": cell("cd", "tcav_p", 1)})
+        rows.append({"metric": "bias TCAV significant (share of classes, p < 0.05)", "base": cell("base", "tcav_significant", 1),
+                     "cd": cell("cd", "tcav_significant", 1)})
     return rows
 
 

@@ -1,26 +1,33 @@
-"""LightningDataModules of the biased-MNIST benchmarks (ColorMNIST, DecoyMNIST, TextureMNIST)."""
+"""LightningDataModules: the biased-MNIST benchmarks (ColorMNIST, DecoyMNIST, TextureMNIST) and
+the faces (BFFHQ read from disk, and its drawn offline proxy)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytorch_lightning as pl
+
 from cdistill.errors import unknown_name
+from datamodules.bffhq import BFFHQDataModule
 from datamodules.biased_mnist import BiasedMNISTDataModule
 from datamodules.color_mnist import PALETTE, ColorMNISTDataModule
 from datamodules.dataset import BiasedDigitsDataset
 from datamodules.decoy_mnist import DecoyMNISTDataModule
+from datamodules.faces_proxy import FacesProxyDataModule
 from datamodules.sampler import EpochSeededSampler
 from datamodules.texture_mnist import TextureMNISTDataModule
 
 #: Dataset name (the ``data=`` config choice) -> datamodule class.
-DATAMODULES: dict[str, type[BiasedMNISTDataModule]] = {
+DATAMODULES: dict[str, type[pl.LightningDataModule]] = {
     "color_mnist": ColorMNISTDataModule,
     "decoy_mnist": DecoyMNISTDataModule,
     "texture_mnist": TextureMNISTDataModule,
+    "bffhq": BFFHQDataModule,
+    "faces_proxy": FacesProxyDataModule,
 }
 
 
-def create_datamodule(name: str, **kwargs: Any) -> BiasedMNISTDataModule:
+def create_datamodule(name: str, **kwargs: Any) -> pl.LightningDataModule:
     """Build the datamodule registered as ``name`` with constructor ``kwargs``.
 
     Raises:
@@ -34,11 +41,13 @@ def create_datamodule(name: str, **kwargs: Any) -> BiasedMNISTDataModule:
 __all__ = [
     "DATAMODULES",
     "PALETTE",
+    "BFFHQDataModule",
     "BiasedDigitsDataset",
     "BiasedMNISTDataModule",
     "ColorMNISTDataModule",
     "DecoyMNISTDataModule",
     "EpochSeededSampler",
+    "FacesProxyDataModule",
     "TextureMNISTDataModule",
     "create_datamodule",
 ]
