@@ -28,7 +28,7 @@ def _feed(h: Any, obj: Any) -> None:
     if isinstance(obj, Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     elif isinstance(obj, Mapping):
         h.update(b"{")
         for k in sorted(obj, key=str):

@@ -190,6 +190,8 @@ def test_cache_reused_and_invalidated(tmp_path: Path) -> None:
         model.weight[0, 0] += 1e-3
     changed.append(fingerprint(model, "layer", {"a": _images(2)}))
     assert len({key, *changed}) == 5
+    # 0-dim tensors (BatchNorm's num_batches_tracked) and bools hash too
+    assert fingerprint(torch.nn.BatchNorm2d(2), torch.tensor(True)) != fingerprint(torch.nn.BatchNorm2d(3))
     for k in changed:
         cached_tensors(tmp_path, "teacher", k, compute)
     assert len(calls) == 5

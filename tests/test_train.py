@@ -32,14 +32,23 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comple
     )
 
 
+# Teacher experiments: a tiny offline teacher whose CAVs may miss the gate, or a tiny in-code ViT
+# instead of DINO (tests/test_teacher.py covers the teacher stage); faces: a small proxy.
+_TINY_AE = ["model.teacher.train.images=128", "model.teacher.train.epochs=1", "model.teacher.train.width=4",
+            "model.teacher.pca_dims=4", "model.teacher.mapping.epochs=3", "model.concepts.min_accuracy=0"]
+_TINY_FACES = ["data.n_train=200", "data.n_valid=40", "data.n_test=40"]
+_TINY_VIT = ["model.teacher.name=timm:vit_tiny_patch16_224", "model.teacher.checkpoint_path=null",
+             "model.teacher.layer=blocks.0", "model.teacher.image_size=32", "model.teacher.pca_dims=4",
+             "model.teacher.mapping.epochs=2",
+             *(f"+model.teacher.model_kwargs.{k}={v}" for k, v in
+               {"img_size": 32, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2}.items())]
+SHRINK = {e: (_TINY_AE if "teacher" in e else []) for e in EXPERIMENTS if not e.startswith("faces/")}
+SHRINK |= {e: _TINY_FACES + (_TINY_VIT if "teacher" in e else []) for e in EXPERIMENTS if e.startswith("faces/")}
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_fast_dev_run(make_cfg: MakeCfg, experiment: str) -> None:
-    # Teacher experiments: a tiny, untrained-looking offline teacher whose CAVs may miss the gate
-    # (tests/test_teacher.py covers the full stage).
-    shrink = ["model.teacher.train.images=128", "model.teacher.train.epochs=1", "model.teacher.train.width=4",
-              "model.teacher.pca_dims=4", "model.teacher.mapping.epochs=3",
-              "model.concepts.min_accuracy=0"] if "teacher" in experiment else []
-    cfg = make_cfg(f"experiment={experiment}", "debug=fdr", "data.max_train_samples=256", *shrink)
+    cfg = make_cfg(f"experiment={experiment}", "debug=fdr", "data.max_train_samples=256", *SHRINK.get(experiment, []))
     metrics = train(cfg)
     assert "test/acc" in metrics and 0.0 <= metrics["test/acc"] <= 1.0
     assert "val_reversed/acc" in metrics
