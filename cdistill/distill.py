@@ -530,6 +530,14 @@ class ConceptDistillModule(ClassifierModule):
         loss = task
         if hp["lambda_c"] > 0:
             if hp["form"] == "prototype":
+                if acts.grad_fn is None:
+                    # a - P_y of a leaf (e.g. layer `input`) depends on no parameter: the term
+                    # would be logged but could never change the model.
+                    raise CdistillError(
+                        f"model.form=prototype at layer {self.layer!r}: its activation depends on no "
+                        "trainable parameter, so the prototype-form concept loss cannot train anything. "
+                        "Use model.form=logit there, or a layer after a trainable one."
+                    )
                 grads = prototype_gradient(acts, self.prototypes.mean_center(y))
             else:
                 grads = logprob_gradient(acts, logits, y, str(hp.get("target", "logprob")))

@@ -185,7 +185,8 @@ def write_ablation(per_seed: Sequence[Mapping[str, Any]], protocols: Sequence[st
         cells += [_mean_std([m[k] for m in runs if k in m], 1.0).replace(" ± ", "±") for k in ("cav/acc_student", "cav/acc_teacher")]
         md.append(f"| {name} | " + " | ".join(cells) + " |")
     md += ["", f"Reversed-bias test accuracy %, mean ± std over {len(per_seed)} seed(s), every variant "
-           "fine-tuned from the same base model per seed. No prototypes = the logit form."]
+           "fine-tuned from the same base model per seed. No prototypes = the logit form. '-': not run "
+           "(the prototype form cannot act at layer `input`, which depends on no parameter)."]
     text = "\n".join(md) + "\n"
     (out / "pipeline_ablation.md").write_text(text)
     return text
@@ -214,6 +215,9 @@ def run_pipeline(cfg: DictConfig) -> list[dict[str, Any]]:
             own = ablation_key(run_cfg)
             record["ablation"] = {ABLATION[own]: cd_metrics}
             for key, name in ABLATION.items():
+                if key[1] and str(run_cfg.model.layer) == "input":
+                    log.info("ablation cell %r skipped: the prototype form has no effect at layer input", name)
+                    continue
                 if key != own:
                     var = variant_config(run_cfg, *key)
                     record["ablation"][name] = train(distill_config(var, str(base_ckpt), out / f"cd_{name.replace(', ', '_').replace(' ', '-')}"))

@@ -153,3 +153,13 @@ def test_ddp_sim_matches_single_process(tmp_path: Path) -> None:
     assert student
     for key in student:
         assert torch.allclose(single[key], ddp[key], atol=1e-5, rtol=1e-4), key
+
+
+def test_prototype_form_at_a_parameterless_layer_is_an_error(dm: ColorMNISTDataModule) -> None:
+    module = make(layer="input", concepts={"spec": "concepts/color_mnist.yaml", "terms": TERMS, "min_accuracy": 0.0,
+                                           "cav_mode": "position"})
+    module.fit_artefacts(dm)
+    with pytest.raises(CdistillError, match=r"form=prototype at layer 'input'.*form=logit"):
+        module.compute_losses(_batch(dm))
+    module.hparams["form"] = "logit"
+    assert torch.isfinite(module.compute_losses(_batch(dm))["concept"])
