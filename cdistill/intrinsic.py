@@ -5,8 +5,13 @@
 A reconstruction task has no classes, hence no class prototypes: the concept loss uses as
 its gradient direction ``g = ∇_a L_branch``, the gradient of the branch's per-sample
 scale-invariant reconstruction loss w.r.t. the activation ``a`` of a layer *inside that
-branch* (``model.target=loss``; ``output`` uses ``∇_a ½||branch output||²`` instead, which
-needs no ground truth). It is one batched double backward (the net has no batch norm, so
+branch* (``model.target=loss``). ``output`` uses ``∇_a ½||branch output||²`` instead (no
+ground truth needed), and ``random`` uses ``∇_a <u, branch output>`` for a fresh Gaussian
+image ``u`` per sample and step: ``J^T u`` for the branch Jacobian ``J``, whose cosine with
+``v`` is small on average over ``u`` only when ``J v`` is small, i.e. when the branch *output*
+does not move along the concept (the analogue of the ``random`` logit target of
+:class:`~cdistill.distill.ConceptDistillModule`; the loss gradient vanishes at a good fit
+and then carries little signal). It is one batched double backward (the net has no batch norm, so
 the gradient of the batch sum is every sample's own gradient). A desensitize term
 penalises ``|cos(g, v)|``: moving the activation along the concept direction ``v`` should
 not change the branch's loss.
@@ -47,7 +52,7 @@ from cdistill.module import to_plain
 log = logging.getLogger(__name__)
 Batch = Mapping[str, Tensor]
 BRANCHES = {"r": ("reflectance", 0), "s": ("shading", 1)}
-TARGETS = ("loss", "output")
+TARGETS = ("loss", "output", "random")
 
 
 def term_name(term: Mapping[str, Any]) -> str:
@@ -64,15 +69,18 @@ class IntrinsicModule(pl.LightningModule):
         optimizer: Hydra-style optimizer config (``_target_`` and kwargs).
         scheduler: Optional Hydra-style LR scheduler config (``interval`` key optional).
         lambda_c: Weight of the concept loss (0: off; no CAVs are fitted).
-        target: ``loss`` (``∇_a`` of the branch's reconstruction loss) or ``output``
-            (``∇_a ½||branch output||²``).
+        target: ``loss`` (``∇_a`` of the branch's reconstruction loss), ``output``
+            (``∇_a ½||branch output||²``) or ``random`` (``∇_a <u, branch output>``, ``u``
+            Gaussian); see the module docstring.
         concepts: ``terms`` (list of ``{branch: r|s, layer, concept, negative, direction,
             weight, name}``; ``concept``/``negative`` in ``illumination``, ``material``),
             ``solver`` (``mean_diff``, ``logistic`` ...), ``min_accuracy`` (gate),
             ``test_fraction``, ``num_pairs`` (pairs per concept set; 0: the datamodule's) and
             ``refit_every_n_epochs`` (0: CAVs fitted once when training starts; ``n``: refitted
             on the current model at the start of every ``n``-th epoch, so they follow the
-            representation as it trains from scratch), ``cav_mode``: ``flatten`` (one CAV on
+            representation as it trains from scratch), ``refit_every_n_steps`` (likewise every
+            ``n`` optimiser steps: the student quickly moves the concept to directions a frozen
+            CAV does not cover), ``cav_mode``: ``flatten`` (one CAV on
             the flattened map) or ``position`` (one CAV in the ``C``-dim channel space, fitted
             on the per-position channel vectors of the differences, at most ``max_rows`` rows;
             the loss is the gradient-norm-weighted cosine at every position, see
@@ -210,6 +218,12 @@ class IntrinsicModule(pl.LightningModule):
         if self.hparams["lambda_c"] > 0 and every > 0 and epoch > 0 and epoch % every == 0:
             self.fit_artefacts(self.trainer.datamodule)  # type: ignore[attr-defined]
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        every = int(self.hparams["concepts"].get("refit_every_n_steps", 0))
+        step = self.global_step
+        if self.hparams["lambda_c"] > 0 and every > 0 and step > 0 and step % every == 0:
+            self.fit_artefacts(self.trainer.datamodule)  # type: ignore[attr-defined]
+
     # ------------------------------------------------------------------ objective
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(R [B, 3, H, W], S [B, 3, H, W])`` for images ``[B, 3, H, W]``."""
@@ -217,8 +231,11 @@ class IntrinsicModule(pl.LightningModule):
 
     def _branch_scalar(self, pred: Tensor, per_sample_loss: Tensor) -> Tensor:
         """The scalar whose gradient the concept loss aligns: summed over the batch."""
-        if self.hparams["target"] == "output":
+        target = self.hparams["target"]
+        if target == "output":
             return 0.5 * pred.pow(2).sum()
+        if target == "random":
+            return (torch.randn_like(pred) * pred).sum()
         return per_sample_loss.sum()
 
     def compute_losses(self, batch: Batch) -> dict[str, Tensor]:

@@ -131,6 +131,13 @@ def test_position_mode_and_bad_config() -> None:
     m.fit_artefacts(dm)
     assert m.cavs.dim == 8  # r_dec.up1 has 2 * width channels
     assert float(m.compute_losses(_batch())["concept"]) >= 0
+    for target in ("output", "random"):
+        other = _module(cav_mode="position")
+        other.hparams["target"] = target
+        other.fit_artefacts(dm)
+        out = other.compute_losses(_batch())
+        assert float(out["concept"]) > 0
+        out["loss"].backward()
     with pytest.raises(CdistillError, match=r"r_dec\.up1"):
         _module(terms=[{**TERM_R, "layer": "r_dec.upp1"}])
     with pytest.raises(CdistillError, match="branch"):
