@@ -212,17 +212,26 @@ class IntrinsicModule(pl.LightningModule):
         if self.hparams["lambda_c"] > 0 and not bool(self.artefacts_fitted):
             self.fit_artefacts(self.trainer.datamodule)  # type: ignore[attr-defined]
 
+    def refit(self) -> None:
+        """Refit the CAVs on the current model; when every CAV falls below the gate, keep the
+        previous ones (warned) rather than stop training. Every rank holds the same weights
+        and renders the same pairs, so all ranks take the same branch."""
+        try:
+            self.fit_artefacts(self.trainer.datamodule)  # type: ignore[attr-defined]
+        except CdistillError as err:
+            rank_zero_warn(f"CAV refit at step {self.global_step} skipped, keeping the previous CAVs: {err}")
+
     def on_train_epoch_start(self) -> None:
         every = int(self.hparams["concepts"].get("refit_every_n_epochs", 0))
         epoch = self.current_epoch
         if self.hparams["lambda_c"] > 0 and every > 0 and epoch > 0 and epoch % every == 0:
-            self.fit_artefacts(self.trainer.datamodule)  # type: ignore[attr-defined]
+            self.refit()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = int(self.hparams["concepts"].get("refit_every_n_steps", 0))
         step = self.global_step
         if self.hparams["lambda_c"] > 0 and every > 0 and step > 0 and step % every == 0:
-            self.fit_artefacts(self.trainer.datamodule)  # type: ignore[attr-defined]
+            self.refit()
 
     # ------------------------------------------------------------------ objective
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -129,12 +129,15 @@ def _report(metrics: dict[str, float], output_dir: str, protocols: Mapping[str, 
     (Path(output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     prefixes = set(protocols) | {"train"}
     splits = sorted({k.split("/")[0] for k in metrics if "/" in k and k.split("/")[0] not in prefixes})
-    lines = ["", f"{'split':<22}{'acc':>8}{'aligned':>10}{'conflict':>10}"]
-    for split in splits:
+    iid = [s for s in splits if f"{s}/r_mse" in metrics]  # decomposition runs: errors, not accuracies
+    lines: list[str] = []
+    classified = [s for s in splits if s not in iid]
+    if classified:
+        lines += ["", f"{'split':<22}{'acc':>8}{'aligned':>10}{'conflict':>10}"]
+    for split in classified:
         row = [metrics.get(f"{split}/{m}") for m in ("acc", "acc_aligned", "acc_conflicting")]
         cells = "".join(f"{'-' if v is None else f'{100 * v:.2f}':>{w}}" for v, w in zip(row, (8, 10, 10), strict=True))
         lines.append(f"{split:<22}{cells}")
-    iid = [s for s in splits if f"{s}/r_mse" in metrics]  # decomposition runs: errors, not accuracies
     if iid:
         lines += ["", f"{'split':<22}{'R si-MSE':>10}{'S si-MSE':>10}"]
         lines += [f"{s:<22}{metrics[f'{s}/r_mse']:>10.5f}{metrics.get(f'{s}/s_mse', float('nan')):>10.5f}" for s in iid]

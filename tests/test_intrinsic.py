@@ -102,7 +102,7 @@ def test_concept_loss_zero_when_orthogonal_and_grows_with_alignment() -> None:
         v = (1 - mix) * ortho / ortho.norm() + mix * mean / mean.norm()
         m.cavs.vectors = (v / v.norm())[None]
         m.cav_rows = torch.tensor([0])
-        values.append(float(m.compute_losses(batch)["concept"]))
+        values.append(float(m.compute_losses(batch)["concept"].detach()))
     assert values[0] == pytest.approx(0.0, abs=1e-5)
     assert values[0] < values[1] < values[2] and values[2] > 0.2
 
@@ -177,6 +177,7 @@ def test_bad_protocol_is_a_clear_error(make_cfg: MakeCfg) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.core
 def test_iid_cd_under_ddp_sim(tmp_path: Path) -> None:
     from tests.test_train import run_cli
 
