@@ -120,6 +120,9 @@ class IntrinsicModule(pl.LightningModule):
         })
         self.student = create_iid_net(**self.hparams["student"])
         for t in terms:
+            missing = [k for k in ("branch", "layer", "concept", "negative") if k not in t]
+            if missing:
+                raise CdistillError(f"Concept term {t} lacks {missing}: give branch, layer, concept and negative.")
             if t.get("branch") not in BRANCHES:
                 raise CdistillError(f"Concept term {t}: branch must be one of {sorted(BRANCHES)}.")
             if t.get("direction", "desensitize") not in DIRECTIONS:

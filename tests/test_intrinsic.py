@@ -144,6 +144,8 @@ def test_position_mode_and_bad_config() -> None:
         _module(terms=[{**TERM_R, "branch": "x"}])
     with pytest.raises(CdistillError, match="terms"):
         _module(terms=[])
+    with pytest.raises(CdistillError, match="negative"):
+        _module(terms=[{k: v for k, v in TERM_R.items() if k != "negative"}])
 
 
 @pytest.mark.parametrize("experiment", ["iid/baseline", "iid/cd", "iid/cd_rs"])
