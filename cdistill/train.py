@@ -61,8 +61,23 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
     return str(path)
 
 
+def protocol_metric(name: str, spec: Any) -> tuple[str | None, str]:
+    """``(metric, mode)`` of a protocol: a metric name (maximised), a mapping ``{monitor,
+    mode}`` (``mode`` ``max`` or ``min``, e.g. an error to minimise), or None (last epoch)."""
+    if not spec:
+        return None, "max"
+    if isinstance(spec, str):
+        return spec, "max"
+    metric, mode = spec.get("monitor"), str(spec.get("mode", "max"))
+    if not metric or mode not in ("max", "min"):
+        raise CdistillError(
+            f"protocols.{name}={dict(spec)}: give a metric name, or {{monitor: <metric>, mode: max|min}}."
+        )
+    return str(metric), mode
+
+
 def protocol_checkpoints(
-    protocols: Mapping[str, str | None], output_dir: str, callbacks: list[Any]
+    protocols: Mapping[str, Any], output_dir: str, callbacks: list[Any]
 ) -> dict[str, ModelCheckpoint]:
     """The checkpoint callback of each model-selection protocol that monitors a metric.
 
@@ -70,24 +85,26 @@ def protocol_checkpoints(
     reused; otherwise one is added to ``callbacks`` (writing ``checkpoints/<protocol>/``).
 
     Args:
-        protocols: Protocol name -> monitored metric (maximised), or None for the last epoch.
+        protocols: Protocol name -> monitored metric (maximised), ``{monitor, mode}``, or
+            None for the last epoch (see :func:`protocol_metric`).
         output_dir: Run directory.
         callbacks: The configured callbacks; new ones are appended.
     """
     selectors: dict[str, ModelCheckpoint] = {}
-    for name, metric in protocols.items():
+    for name, spec in protocols.items():
+        metric, mode = protocol_metric(name, spec)
         if not metric:
             continue
         existing = [
             cb for cb in callbacks
-            if isinstance(cb, ModelCheckpoint) and cb.monitor == metric and cb.mode == "max" and cb.save_top_k != 0
+            if isinstance(cb, ModelCheckpoint) and cb.monitor == metric and cb.mode == mode and cb.save_top_k != 0
         ]
         if existing:
             selectors[name] = existing[0]
             continue
         selectors[name] = ModelCheckpoint(
             dirpath=str(Path(output_dir) / "checkpoints" / name), filename="best",
-            monitor=metric, mode="max", save_top_k=1, save_last=False, auto_insert_metric_name=False,
+            monitor=metric, mode=mode, save_top_k=1, save_last=False, auto_insert_metric_name=False,
         )
         callbacks.append(selectors[name])
     return selectors
@@ -107,16 +124,24 @@ def _save_student(model: pl.LightningModule, output_dir: str) -> None:
 
 
 @rank_zero_only
-def _report(metrics: dict[str, float], output_dir: str, protocols: Mapping[str, str | None]) -> None:
+def _report(metrics: dict[str, float], output_dir: str, protocols: Mapping[str, Any]) -> None:
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     (Path(output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     prefixes = set(protocols) | {"train"}
-    splits = sorted({k.split("/")[0] for k in metrics if k.endswith("/acc") and k.count("/") == 1} - prefixes)
-    lines = ["", f"{'split':<22}{'acc':>8}{'aligned':>10}{'conflict':>10}"]
-    for split in splits:
+    # Evaluation splits: those with an accuracy (classification) or a reflectance error (IID).
+    splits = sorted({k.split("/")[0] for k in metrics if k.count("/") == 1 and k.endswith(("/acc", "/r_mse"))} - prefixes)
+    iid = [s for s in splits if f"{s}/r_mse" in metrics]  # decomposition runs: errors, not accuracies
+    lines: list[str] = []
+    classified = [s for s in splits if s not in iid]
+    if classified:
+        lines += ["", f"{'split':<22}{'acc':>8}{'aligned':>10}{'conflict':>10}"]
+    for split in classified:
         row = [metrics.get(f"{split}/{m}") for m in ("acc", "acc_aligned", "acc_conflicting")]
         cells = "".join(f"{'-' if v is None else f'{100 * v:.2f}':>{w}}" for v, w in zip(row, (8, 10, 10), strict=True))
         lines.append(f"{split:<22}{cells}")
+    if iid:
+        lines += ["", f"{'split':<22}{'R si-MSE':>10}{'S si-MSE':>10}"]
+        lines += [f"{s:<22}{metrics[f'{s}/r_mse']:>10.5f}{metrics.get(f'{s}/s_mse', float('nan')):>10.5f}" for s in iid]
     if "train/acc" in metrics:
         lines.append(f"{'train (last epoch)':<22}{100 * metrics['train/acc']:>8.2f}")
     by_protocol = [f"{p} {100 * metrics[f'{p}/test/acc']:.2f}" for p in protocols if f"{p}/test/acc" in metrics]
@@ -129,7 +154,7 @@ def _test(
     trainer: pl.Trainer,
     model: pl.LightningModule,
     datamodule: pl.LightningDataModule,
-    protocols: Mapping[str, str | None],
+    protocols: Mapping[str, Any],
     selectors: Mapping[str, ModelCheckpoint],
 ) -> dict[str, float]:
     """Test once per protocol: ``<protocol>/<split>/<metric>``; unprefixed keys = the first.
@@ -164,7 +189,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model.run_config = OmegaConf.to_yaml(cfg, resolve=True)
 
     callbacks = instantiate_group(cfg.get("callbacks"))
-    protocols: dict[str, str | None] = dict(cfg.get("protocols") or {})
+    protocols: dict[str, Any] = dict(cfg.get("protocols") or {})
     selectors = protocol_checkpoints(protocols, cfg.paths.output_dir, callbacks) if cfg.get("train", True) else {}
     loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

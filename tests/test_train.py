@@ -18,9 +18,11 @@ from cdistill.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 MakeCfg = Callable[..., DictConfig]
+# Classification experiments (the IID ones report errors, not accuracies: tests/test_intrinsic.py).
 EXPERIMENTS = sorted(
     str(p.relative_to(ROOT / "conf" / "experiment").with_suffix(""))
     for p in (ROOT / "conf" / "experiment").rglob("*.yaml")
+    if p.parent.name != "iid"
 )
 
 
