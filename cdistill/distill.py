@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from cdistill.artefacts import broadcast_bank, broadcast_buffers
 from cdistill.capture import capture, collect_activations, resolve_module
 from cdistill.cav import CAVBank, fit_cav, position_rows
 from cdistill.concepts import load_spec, preprocess
@@ -454,19 +455,11 @@ class ConceptDistillModule(ClassifierModule):
         return erase(self.student, *self._layer_erasers())
 
     def _broadcast_artefacts(self) -> None:
-        trainer = self._trainer
-        if trainer is None or trainer.world_size <= 1:
-            return
-        strategy = trainer.strategy
-        for owner, name in ((self.cavs, "vectors"), (self.cavs, "biases"), (self.cavs, "accuracies"),
-                            (self.prototypes, "centers"), (self, "cav_index")):
-            value = strategy.broadcast(getattr(owner, name).cpu(), src=0)
-            setattr(owner, name, value.to(self.device))
-        meta = strategy.broadcast(self.cavs.get_extra_state(), src=0)
-        self.cavs.set_extra_state(meta)
-        for eraser in self.erasers.values():
-            for name, buf in list(eraser.named_buffers()):
-                setattr(eraser, name, strategy.broadcast(buf.cpu(), src=0).to(self.device))
+        """Give every rank rank 0's CAVs, prototypes and erasers (no-op without DDP)."""
+        broadcast_bank(self._trainer, self.cavs, self.device)
+        owners: list[tuple[nn.Module, str]] = [(self.prototypes, "centers"), (self, "cav_index")]
+        owners += [(e, name) for e in self.erasers.values() for name, _ in list(e.named_buffers())]
+        broadcast_buffers(self._trainer, owners, self.device)
 
     def on_fit_start(self) -> None:
         # Artefacts restored from a checkpoint are kept: resuming must not refit them.
