@@ -45,6 +45,11 @@ def check_teacher_config(cfg: Mapping[str, Any]) -> None:
     if cfg.get("cav_space", "teacher") not in CAV_SPACES:
         raise CdistillError(f"model.teacher.cav_space={cfg['cav_space']!r}: use one of {CAV_SPACES}.")
     path = cfg.get("checkpoint_path")
+    if path == "???":  # OmegaConf's mark of a mandatory value left unset
+        raise CdistillError(
+            f"model.teacher.checkpoint_path is not set: give a local checkpoint of {cfg['name']} "
+            "(or model.teacher.pretrained=true to fetch its weights when online)."
+        )
     if path and not Path(str(path)).expanduser().is_file():
         raise CdistillError(f"Teacher checkpoint {str(path)!r} does not exist; fix model.teacher.checkpoint_path.")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import hydra.utils
 import pytest
 import pytorch_lightning as pl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cdistill.train import instantiate_group
 
@@ -93,6 +93,12 @@ def test_debug_options(make_cfg: MakeCfg, name: str) -> None:
 @pytest.mark.parametrize("name", options("experiment"))
 def test_experiment_options_compose(make_cfg: MakeCfg, name: str) -> None:
     cfg = make_cfg(f"experiment={name}")
+    missing = sorted(OmegaConf.missing_keys(cfg.model))
+    if missing:  # a value the user must give (a local teacher checkpoint): a clear error names it
+        assert missing == ["model.teacher.checkpoint_path"], missing
+        with pytest.raises(Exception, match=r"model\.teacher\.checkpoint_path is not set"):
+            hydra.utils.instantiate(cfg.model)
+        return
     model = hydra.utils.instantiate(cfg.model)
     dm = hydra.utils.instantiate(cfg.data)
     from cdistill.students import check_input_channels
