@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cdistill.errors import CdistillError, unknown_name
 from datamodules.biased_mnist import channel_stats
+from datamodules.normalization import ChannelNormalization
 from datamodules.sampler import EpochSeededSampler
 from datamodules.splits import make_generator
 
@@ -160,7 +161,7 @@ def bias_mapping(align: list[FaceRecord]) -> bool:
     return direct
 
 
-class BFFHQDataModule(pl.LightningDataModule):
+class BFFHQDataModule(ChannelNormalization, pl.LightningDataModule):
     """BFFHQ read from the released layout (see the module docstring).
 
     Args:
@@ -316,30 +317,6 @@ class BFFHQDataModule(pl.LightningDataModule):
             raise unknown_name(f"{self.name} split", name, self.split_names, f"Use one of: {', '.join(self.split_names)}.")
         self.setup()
         return self._datasets[name]
-
-    @property
-    def mean(self) -> Tensor:
-        """``float32 [3]`` per-channel pixel mean of the train split, in ``[0, 1]`` units."""
-        self.setup()
-        assert self._mean is not None
-        return self._mean
-
-    @property
-    def std(self) -> Tensor:
-        """``float32 [3]`` per-channel pixel std of the train split."""
-        self.setup()
-        assert self._std is not None
-        return self._std
-
-    def normalize(self, x: Tensor) -> Tensor:
-        """Map images in ``[0, 1]`` (``[..., 3, H, W]``) to the normalised space."""
-        mean, std = (t.to(x.device, x.dtype).view(-1, 1, 1) for t in (self.mean, self.std))
-        return (x - mean) / std
-
-    def denormalize(self, x: Tensor) -> Tensor:
-        """Undo :meth:`normalize`: ``[..., 3, H, W]`` -> ``[0, 1]`` pixel units."""
-        mean, std = (t.to(x.device, x.dtype).view(-1, 1, 1) for t in (self.mean, self.std))
-        return x * std + mean
 
     # ----------------------------------------------------------------- loaders
     def _loader(self, dataset: FaceDataset, batch_size: int, **kw: Any) -> DataLoader:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from cdistill.errors import CdistillError, unknown_name
 from datamodules.dataset import BiasedDigitsDataset
 from datamodules.mnist_source import load_embedded_digits, load_torchvision_mnist
+from datamodules.normalization import ChannelNormalization
 from datamodules.sampler import EpochSeededSampler
 from datamodules.splits import check_fractions, make_generator, stratified_split
 
@@ -72,7 +73,7 @@ def alpha_fill(digits: Tensor, table: Tensor, index: Tensor, chunk: int = 8192) 
     return out
 
 
-class BiasedMNISTDataModule(pl.LightningDataModule):
+class BiasedMNISTDataModule(ChannelNormalization, pl.LightningDataModule):
     """Base datamodule: digits, seeded splits, normalisation and loaders.
 
     Splits: ``train`` (training cue), ``val`` (training cue, in-distribution),
@@ -266,30 +267,6 @@ class BiasedMNISTDataModule(pl.LightningDataModule):
         """
         self.setup()
         return self._split_indices
-
-    @property
-    def mean(self) -> Tensor:
-        """``float32 [C]`` per-channel pixel mean of the train split, in ``[0, 1]`` units."""
-        self.setup()
-        assert self._mean is not None
-        return self._mean
-
-    @property
-    def std(self) -> Tensor:
-        """``float32 [C]`` per-channel pixel std of the train split, in ``[0, 1]`` units."""
-        self.setup()
-        assert self._std is not None
-        return self._std
-
-    def normalize(self, x: Tensor) -> Tensor:
-        """Map images in ``[0, 1]`` (``[..., C, H, W]``) to the normalised space."""
-        mean, std = (t.to(x.device, x.dtype).view(-1, 1, 1) for t in (self.mean, self.std))
-        return (x - mean) / std
-
-    def denormalize(self, x: Tensor) -> Tensor:
-        """Undo the normalisation: ``[..., C, H, W]`` normalised -> ``[0, 1]`` pixel units."""
-        mean, std = (t.to(x.device, x.dtype).view(-1, 1, 1) for t in (self.mean, self.std))
-        return x * std + mean
 
     # ----------------------------------------------------------------- loaders
     def _loader(self, dataset: BiasedDigitsDataset, batch_size: int, **kw: Any) -> DataLoader:
