@@ -32,8 +32,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import hydra.utils
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -47,7 +45,7 @@ from cdistill.errors import CdistillError
 from cdistill.iid_metrics import lmse, ls_scale, si_mse
 from cdistill.iid_net import create_iid_net
 from cdistill.losses import CAV_MODES, DIRECTIONS, concept_loss, position_gradients
-from cdistill.module import to_plain
+from cdistill.module import EvalSplitsModule, to_plain
 
 log = logging.getLogger(__name__)
 Batch = Mapping[str, Tensor]
@@ -60,7 +58,7 @@ def term_name(term: Mapping[str, Any]) -> str:
     return str(term.get("name") or f"{term['branch']}_{term['concept']}")
 
 
-class IntrinsicModule(pl.LightningModule):
+class IntrinsicModule(EvalSplitsModule):
     """Predict reflectance and shading; see the module docstring.
 
     Args:
@@ -300,15 +298,6 @@ class IntrinsicModule(pl.LightningModule):
                 metrics.update({f"{b}_ssim": StructuralSimilarityIndexMeasure(data_range=1.0) for b in BRANCHES})
                 self.eval_metrics[name] = MetricCollection(metrics, compute_groups=False)
 
-    def setup(self, stage: str) -> None:
-        """Adopt the datamodule's split names so that log keys match its dataloaders."""
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        for attr in ("val_names", "test_names"):
-            names = getattr(dm, attr, None)
-            if names:
-                self.hparams[attr] = list(names)
-                self._build_eval_metrics(names)
-
     def _eval_step(self, batch: Batch, names: Sequence[str], idx: int) -> None:
         metrics = self.eval_metrics[names[idx]]
         assert isinstance(metrics, MetricCollection)
@@ -331,31 +320,3 @@ class IntrinsicModule(pl.LightningModule):
             values = metrics.compute()
             self.log_dict({f"{name}/{k}": v for k, v in values.items()}, sync_dist=False)
             metrics.reset()
-
-    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self.hparams["val_names"], dataloader_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end(self.hparams["val_names"])
-
-    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self.hparams["test_names"], dataloader_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end(self.hparams["test_names"])
-
-    # ------------------------------------------------------------------ optimisation, checkpoints
-    def configure_optimizers(self) -> Any:
-        opt = hydra.utils.instantiate(self.hparams["optimizer"], params=self.parameters())
-        if not self.hparams["scheduler"]:
-            return opt
-        cfg = dict(self.hparams["scheduler"])
-        interval = cfg.pop("interval", "epoch")
-        sched = hydra.utils.instantiate(cfg, optimizer=opt)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Plain strings only: the checkpoint stays loadable with weights_only=True.
-        import cdistill
-
-        checkpoint["cdistill"] = {"version": cdistill.__version__, "config": self.run_config}

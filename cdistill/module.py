@@ -32,7 +32,66 @@ def to_plain(cfg: Any) -> Any:
     return cfg
 
 
-class ClassifierModule(pl.LightningModule):
+class EvalSplitsModule(pl.LightningModule):
+    """What every cdistill task module shares: named evaluation splits (adopted from the
+    datamodule), the optimizer/scheduler from plain ``_target_`` configs, and checkpoints that
+    carry the resolved run config as a plain string (loadable with ``weights_only=True``).
+
+    A subclass sets ``hparams`` ``optimizer``, ``scheduler``, ``val_names``, ``test_names`` and
+    ``self.run_config``, and implements :meth:`_build_eval_metrics`, :meth:`_eval_step` and
+    :meth:`_eval_epoch_end`.
+    """
+
+    run_config: str | None
+
+    def _build_eval_metrics(self, names: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    def _eval_step(self, batch: Batch, names: Sequence[str], idx: int) -> None:
+        raise NotImplementedError
+
+    def _eval_epoch_end(self, names: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        """Adopt the datamodule's split names so that log keys match its dataloaders."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        for attr in ("val_names", "test_names"):
+            names = getattr(dm, attr, None)
+            if names:
+                self.hparams[attr] = list(names)
+                self._build_eval_metrics(names)
+
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self.hparams["val_names"], dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end(self.hparams["val_names"])
+
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self.hparams["test_names"], dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end(self.hparams["test_names"])
+
+    def configure_optimizers(self) -> Any:
+        opt = hydra.utils.instantiate(self.hparams["optimizer"], params=self.parameters())
+        sched_cfg = self.hparams["scheduler"]
+        if not sched_cfg:
+            return opt
+        sched_cfg = dict(sched_cfg)
+        interval = sched_cfg.pop("interval", "epoch")
+        sched = hydra.utils.instantiate(sched_cfg, optimizer=opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain strings only: the checkpoint stays loadable with weights_only=True.
+        import cdistill
+
+        checkpoint["cdistill"] = {"version": cdistill.__version__, "config": self.run_config}
+
+
+class ClassifierModule(EvalSplitsModule):
     """Train a student classifier with cross-entropy and report bias-aware metrics.
 
     Logs ``train/loss``, ``train/acc`` and, for every evaluation split the datamodule names
@@ -93,15 +152,6 @@ class ClassifierModule(pl.LightningModule):
                     compute_groups=False,
                 )
 
-    def setup(self, stage: str) -> None:
-        """Adopt the datamodule's split names so that log keys match its dataloaders."""
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        for attr in ("val_names", "test_names"):
-            names = getattr(dm, attr, None)
-            if names:
-                self.hparams[attr] = list(names)
-                self._build_eval_metrics(names)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, num_classes]`` for images ``[B, C, H, W]``."""
         return self.student(x)
@@ -146,31 +196,3 @@ class ClassifierModule(pl.LightningModule):
             values.update(metrics["groups"].compute())
             self.log_dict({f"{name}/{k}": v for k, v in values.items()}, sync_dist=False)
             metrics.reset()
-
-    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self.hparams["val_names"], dataloader_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end(self.hparams["val_names"])
-
-    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self.hparams["test_names"], dataloader_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end(self.hparams["test_names"])
-
-    def configure_optimizers(self) -> Any:
-        opt = hydra.utils.instantiate(self.hparams["optimizer"], params=self.parameters())
-        sched_cfg = self.hparams["scheduler"]
-        if not sched_cfg:
-            return opt
-        sched_cfg = dict(sched_cfg)
-        interval = sched_cfg.pop("interval", "epoch")
-        sched = hydra.utils.instantiate(sched_cfg, optimizer=opt)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Plain strings only: the checkpoint stays loadable with weights_only=True.
-        import cdistill
-
-        checkpoint["cdistill"] = {"version": cdistill.__version__, "config": self.run_config}
