@@ -110,15 +110,18 @@ ROWS = [
 ]
 
 
+def _mean_std(vals: Sequence[float], scale: float = 100.0) -> str:
+    if not vals:
+        return "-"
+    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    return f"{scale * np.mean(vals):.2f} ± {scale * std:.2f}"
+
+
 def summarize(per_seed: Sequence[Mapping[str, Mapping[str, float]]], protocols: Sequence[str]) -> list[dict[str, str]]:
     """Rows ``{metric, base, cd}`` with ``mean ± std`` (percent) over seeds."""
 
     def cell(stage: str, key: str, scale: float) -> str:
-        vals = [r[stage][key] for r in per_seed if key in r[stage]]
-        if not vals:
-            return "-"
-        std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-        return f"{scale * np.mean(vals):.2f} ± {scale * std:.2f}"
+        return _mean_std([r[stage][key] for r in per_seed if key in r[stage]], scale)
 
     rows = []
     for proto in protocols:
@@ -159,13 +162,6 @@ def write_report(rows: list[dict[str, str]], per_seed: list[dict[str, Any]], out
         writer.writerows(rows)
     (out / "pipeline.json").write_text(json.dumps(per_seed, indent=2))
     return text
-
-
-def _mean_std(vals: Sequence[float], scale: float = 100.0) -> str:
-    if not vals:
-        return "-"
-    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-    return f"{scale * np.mean(vals):.2f} ± {scale * std:.2f}"
 
 
 def write_ablation(per_seed: Sequence[Mapping[str, Any]], protocols: Sequence[str], out: Path, task: str) -> str:
