@@ -33,8 +33,10 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from cdistill.errors import CdistillError
+from cdistill.resources import data_root, resolve_data_path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+#: Holds the shipped ``concepts/`` and ``conf/``: the checkout root, or the installed package data.
+PROJECT_ROOT = data_root()
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
 
@@ -222,9 +224,7 @@ def load_spec(path: str | Path, *, channels: int | None = None, size: int | None
         Set name -> ``uint8 [N, C, H, W]``; a pool with ``split: S`` gives ``name/0`` ..
         ``name/S-1`` (disjoint).
     """
-    spec_path = Path(path).expanduser()
-    if not spec_path.is_absolute() and not spec_path.is_file():
-        spec_path = PROJECT_ROOT / spec_path  # the shipped specs, from any working directory
+    spec_path = resolve_data_path(path)  # the shipped specs, from any working directory
     if not spec_path.is_file():
         raise CdistillError(f"Concept spec {str(spec_path)!r} does not exist; fix concepts.spec.")
     spec = yaml.safe_load(spec_path.read_text()) or {}

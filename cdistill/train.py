@@ -22,11 +22,12 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
 from cdistill.errors import CdistillError
+from cdistill.resources import conf_dir
 from cdistill.students import check_input_channels
 
 log = logging.getLogger(__name__)
 STUDENT_FILE = "student.pt"
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = conf_dir()  # the checkout's conf/, or the copy an installed wheel ships
 
 
 def instantiate(cfg: DictConfig, **kwargs: Any) -> Any:
