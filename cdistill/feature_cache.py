@@ -244,7 +244,10 @@ def _parse_bytes(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m cdistill.feature_cache [FOLDER] [--report] [--evict --max-bytes 2G]``."""
-    parser = argparse.ArgumentParser(prog="python -m cdistill.feature_cache", description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m cdistill.feature_cache",
+        description="Report the size of a feature cache folder, or evict its least recently used files.",
+    )
     parser.add_argument("folder", nargs="?", default=".cache/cdistill", help="the cache folder (paths.cache_dir)")
     parser.add_argument("--report", action="store_true", help="print the folder's size (the default)")
     parser.add_argument("--evict", action="store_true", help="delete least recently used feature files")
