@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 
 from cdistill.concepts import blob_masks, stroke_masks
 from cdistill.teachers import register_teacher
+from cdistill.utils import build_file
 
 log = logging.getLogger(__name__)
 #: Bump when the architecture or the training recipe changes: cached weights are then retrained.
@@ -146,20 +146,31 @@ def settings_hash(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _load_state_dict(path: Path) -> dict[str, Tensor]:
+    """Read cached weights; raises on a truncated or corrupt file (then they are retrained)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError("not a state dict of tensors")
+    return state
+
+
 def ensure_digits_ae(cache_dir: str | Path, settings: Mapping[str, Any] | None = None) -> Path:
     """Path of trained ``digits_ae`` weights for ``settings``; trains and caches them if missing.
 
-    The file is a plain state dict (loadable with ``weights_only=True``), written atomically
-    so that concurrent processes (DDP ranks) never read a half-written file.
+    The file is a plain state dict (loadable with ``weights_only=True``), checked by loading it
+    on every call: a missing, truncated or corrupt file is (re)trained under a lock and renamed
+    into place (:func:`cdistill.utils.build_file`), so concurrent processes (DDP ranks, runs
+    started together) train it once and never read a half-written file.
     """
     settings = dict(settings or {})
     path = Path(cache_dir).expanduser() / "teachers" / f"digits_ae-{settings_hash(settings)}.pt"
-    if path.is_file():
-        return path
-    log.info("training the offline teacher digits_ae (cached at %s)", path)
-    model, _ = train_digits_ae(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+
+    def build(tmp: Path) -> dict[str, Tensor]:
+        log.info("training the offline teacher digits_ae (cached at %s)", path)
+        model, _ = train_digits_ae(settings)
+        state = model.state_dict()
+        torch.save(state, tmp)
+        return state
+
+    build_file(path, build, _load_state_dict, what="offline teacher weights")
     return path

@@ -14,7 +14,8 @@ Config (``model.teacher``): ``name``, ``layer``, ``checkpoint_path``, ``pretrain
 ``image_size``, ``mean``, ``std``, ``in_chans``, ``resize``, ``prefix_tokens``,
 ``model_kwargs``, ``train`` (settings of the offline ``cdistill:digits_ae`` teacher, trained when
 no checkpoint is given), ``pca_dims``, ``mapping`` (:func:`cdistill.mapping.fit_mapping`
-arguments), ``cav_space`` (``teacher`` or ``student``), ``cache_dir``.
+arguments), ``cav_space`` (``teacher`` or ``student``), ``cache_dir``, ``cache_max_bytes``
+(cap of the feature files in ``cache_dir``, least recently used evicted first; null: no cap).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from cdistill.errors import CdistillError
-from cdistill.feature_cache import cached_tensors, fingerprint
+from cdistill.feature_cache import DEFAULT_MAX_BYTES, cached_tensors, fingerprint
 from cdistill.mapping import PCA, MappingFit, fit_mapping, fit_pca
 from cdistill.teachers import Teacher, create_teacher
 
@@ -44,6 +45,9 @@ def check_teacher_config(cfg: Mapping[str, Any]) -> None:
             raise CdistillError(f"model.teacher.{key} is not set; see conf/teacher/ for examples.")
     if cfg.get("cav_space", "teacher") not in CAV_SPACES:
         raise CdistillError(f"model.teacher.cav_space={cfg['cav_space']!r}: use one of {CAV_SPACES}.")
+    cap = cfg.get("cache_max_bytes")
+    if cap is not None and int(cap) < 0:
+        raise CdistillError(f"model.teacher.cache_max_bytes={cap} must be >= 0 (null: no cap on the feature cache).")
     path = cfg.get("checkpoint_path")
     if path == "???":  # OmegaConf's mark of a mandatory value left unset
         raise CdistillError(
@@ -106,7 +110,9 @@ def map_concept_sets(
     teacher = teacher_from_config(cfg)
     key = fingerprint(teacher.model, teacher.layer, teacher.image_size, teacher.mean, teacher.std,
                       teacher.resize, teacher.prefix_tokens, images)
-    feats = cached_tensors(cfg.get("cache_dir"), "teacher", key, lambda: {k: teacher.features(v) for k, v in images.items()})
+    cap = cfg.get("cache_max_bytes", DEFAULT_MAX_BYTES)  # after the student's file of this refresh: caps both
+    feats = cached_tensors(cfg.get("cache_dir"), "teacher", key, lambda: {k: teacher.features(v) for k, v in images.items()},
+                           max_bytes=None if cap is None else int(cap))
     fit_sets = {k: v for k, v in feats.items() if k not in exclude}
     dims = int(cfg.get("pca_dims") or 0)
     pca = fit_pca(fit_sets, dims) if dims else None  # ONE basis over all concept sets

@@ -17,8 +17,9 @@ spec ``concepts/faces_proxy.yaml`` names, and the spec is copied into the root a
 ``concepts.yaml`` so its ``folder:`` entries resolve there.
 
 Everything is a pure function of the :class:`ProxySettings` (seeded ``numpy`` generators per
-image); a marker file holds their hash, and the data are (re)written only when it is missing
-or differs.
+image); a marker file holds their hash, and a manifest (file count, names and sizes) is checked
+on every load: the data are (re)written, atomically and under a lock, only when the proxy is
+missing, partial or was drawn with other settings.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from PIL import Image, ImageDraw
 
 from cdistill.concepts import PROJECT_ROOT, _expand
 from cdistill.errors import CdistillError
+from cdistill.utils import MANIFEST, build_folder
 from datamodules.bffhq import BFFHQDataModule
 
 MARKER = ".faces_proxy.json"
@@ -178,7 +180,7 @@ def concept_sets(spec_path: Path = TEMPLATE_SPEC) -> dict[str, dict[str, object]
 
 
 def generate(root: Path, settings: ProxySettings) -> None:
-    """Write the whole proxy into ``root`` (which must not exist)."""
+    """Write the whole proxy into ``root`` (an empty folder)."""
     train = _split_attrs(settings.n_train, settings.conflict_ratio, settings.seed, "train")
     for kind, want_conflict in (("align", False), ("conflict", True)):
         for label in (0, 1):
@@ -201,38 +203,36 @@ def generate(root: Path, settings: ProxySettings) -> None:
     shutil.copyfile(TEMPLATE_SPEC, root / "concepts.yaml")
 
 
-def ensure_faces_proxy(root: str | Path, settings: ProxySettings) -> Path:
-    """Make sure ``root`` holds the proxy for ``settings``; write it only when needed.
+def _is_ours(root: Path) -> bool:
+    """Whether ``root`` was written by the proxy generator (it holds the marker or a manifest)."""
+    return (root / MARKER).is_file() or (root / MANIFEST).is_file()
 
-    Writes into ``<root>.partial`` and renames, so an interrupted run leaves no half
-    dataset behind; a stale proxy (marker with another hash) is replaced.
+
+def ensure_faces_proxy(root: str | Path, settings: ProxySettings) -> Path:
+    """Make sure ``root`` holds the complete proxy for ``settings``; write it only when needed.
+
+    Checked on every call against its manifest (file count, names and sizes: see
+    :func:`cdistill.utils.build_folder`). A missing, stale (other settings), partial or partly
+    deleted proxy is rebuilt in a private temporary folder and renamed into place under a
+    lock, so concurrent runs build it once and never read a half-written one.
 
     Raises:
-        CdistillError: When ``root`` exists, is not empty and holds no proxy marker (it is
-            not ours to overwrite).
+        CdistillError: When ``root`` exists, is not empty and is not a proxy (it is not ours
+            to overwrite).
     """
     root = Path(root).expanduser()
-    marker = root / MARKER
-    digest = settings.digest()
-    if marker.is_file():
-        if json.loads(marker.read_text()).get("digest") == digest:
-            return root
-        shutil.rmtree(root)  # a proxy written with other settings: ours, replace it
-    elif root.exists() and any(root.iterdir()):
+    if root.exists() and not _is_ours(root) and any(root.iterdir()):
         raise CdistillError(
             f"{str(root)!r} exists and is not a faces proxy (no {MARKER}); refusing to write "
             "into it. Point data.root at an empty or new folder."
         )
-    partial = root.with_name(root.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    generate(partial, settings)
-    (partial / MARKER).write_text(json.dumps({"digest": digest, **dataclasses.asdict(settings)}, indent=2))
-    if root.exists():
-        root.rmdir()
-    partial.rename(root)
-    return root
+    digest = settings.digest()
+
+    def build(folder: Path) -> None:
+        generate(folder, settings)
+        (folder / MARKER).write_text(json.dumps({"digest": digest, **dataclasses.asdict(settings)}, indent=2))
+
+    return build_folder(root, build, {"faces_proxy": digest})
 
 
 class FacesProxyDataModule(BFFHQDataModule):

@@ -9,7 +9,10 @@ Splits (batches ``{"image", "reflectance", "shading", "mask", "index"}``, images
 * ``test_mit``: the MIT Intrinsic Images objects under ``root`` (when ``root`` is set).
 
 Every split is a pure function of ``(seed, split name)``. :meth:`concept_pairs` renders the
-concept sets (same geometry, only the light or only the material changes).
+concept sets (same geometry, only the light or only the material changes). The scenes are
+rendered in memory on every :meth:`~IntrinsicDataModule.setup` and never written to disk, so
+concurrent runs cannot see a partial set (generated data that is written to disk goes through
+:func:`cdistill.utils.build_folder` / :func:`cdistill.utils.build_file`).
 """
 
 from __future__ import annotations
