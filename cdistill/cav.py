@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from cdistill.buffers import FittedBuffers
-from cdistill.errors import CdistillError, unknown_name
+from cdistill.errors import CdistillError, NonFiniteError, unknown_name
 
 MIN_ACCURACY = 0.7  # held-out accuracy gate used in the Concept Distillation paper
 SCALINGS = ("global", "feature", "none")
@@ -420,9 +420,18 @@ def fit_cav(
         A :class:`CAVResult` on the inputs' device.
 
     Raises:
-        CdistillError: An empty set, a set too small to split, mismatched dimensions.
+        CdistillError: An empty set, a set too small to split, mismatched dimensions,
+            NaN/Inf activations (:class:`~cdistill.errors.NonFiniteError`).
     """
     pos, neg = _flatten(f"concept {concept!r}", pos), _flatten(f"negative {negative!r}", neg)
+    for kind, name, acts in (("concept", concept, pos), ("negative", negative, neg)):
+        # A NaN row would give a NaN CAV (mean_diff) or a solver failure, not an error.
+        bad = int((~torch.isfinite(acts).all(1)).sum()) if acts.is_floating_point() else 0
+        if bad:
+            raise NonFiniteError(
+                f"The {kind} set {name!r} at layer {layer!r} has {bad} of {len(acts)} activation rows with "
+                "NaN/Inf: check its images and the model's weights (a diverged checkpoint?)."
+            )
     if pos.shape[1] != neg.shape[1]:
         raise CdistillError(
             f"Concept {concept!r} activations have d={pos.shape[1]} but negative {negative!r} "

@@ -19,6 +19,7 @@ training activations do.
 
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from collections.abc import Callable, Mapping
@@ -34,6 +35,10 @@ from torch import Tensor
 
 from cdistill.errors import CdistillError
 from cdistill.resources import data_root, resolve_data_path
+
+log = logging.getLogger(__name__)
+#: Folders (and target size, channels) already warned about: once per set, not at every CAV refresh.
+_WARNED: set[tuple[str, int, int]] = set()
 
 #: Holds the shipped ``concepts/`` and ``conf/``: the checkout root, or the installed package data.
 PROJECT_ROOT = data_root()
@@ -166,8 +171,38 @@ def generate(kind: str, n: int, seed: int, name: str, *, size: int = 28, channel
     return img.round().clamp(0, 255).to(torch.uint8)
 
 
-def load_image_folder(path: str | Path, *, size: int, channels: int) -> Tensor:
+def _conversion_note(files: list[Path], sizes: list[tuple[int, int]], modes: list[str], size: int, channels: int) -> str:
+    """What :func:`load_image_folder` did to the images that were not ``size x size`` with
+    ``channels`` channels (empty when every image already was)."""
+    notes = []
+    off = [(f, wh) for f, wh in zip(files, sizes, strict=True) if wh != (size, size)]
+    if off:
+        f, (w, h) = off[0]
+        notes.append(
+            f"{len(off)} are not {size}x{size} (e.g. {f.name}: {w}x{h}) and were resized to {size}x{size} "
+            "(bilinear; the aspect ratio is not kept)"
+        )
+    target = "L" if channels == 1 else "RGB"
+    other = [(f, m) for f, m in zip(files, modes, strict=True) if m != target]
+    if other:
+        f, m = other[0]
+        how = "to grey (luminance)" if channels == 1 else "to RGB (grey repeated, alpha dropped, palettes expanded)"
+        notes.append(f"{len(other)} are not {channels}-channel {target} (e.g. {f.name}: mode {m}) and were converted {how}")
+    return "; ".join(notes)
+
+
+def load_image_folder(path: str | Path, *, size: int, channels: int, name: str | None = None) -> Tensor:
     """Read every image in a folder (any format Pillow reads), resized to ``size``.
+
+    Images of another size are resized bilinearly to ``size x size`` (aspect ratio not kept)
+    and images of another mode are converted to ``channels`` channels (``L`` or ``RGB``);
+    one warning per folder says how many and what was done.
+
+    Args:
+        path: The folder.
+        size: Image side wanted (the spec's ``image_size``, or the student's).
+        channels: 1 or 3 (the spec's ``channels``, or the student's).
+        name: The concept set's name (for the warning).
 
     Returns:
         ``uint8 [N, channels, size, size]``.
@@ -185,14 +220,24 @@ def load_image_folder(path: str | Path, *, size: int, channels: int) -> Tensor:
         )
     mode = "L" if channels == 1 else "RGB"
     out = []
+    sizes: list[tuple[int, int]] = []
+    modes: list[str] = []
     for f in files:
         try:
             with Image.open(f) as im:
+                sizes.append(im.size)
+                modes.append(im.mode)
                 img = im.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
         except (UnidentifiedImageError, OSError) as err:
             raise CdistillError(f"Cannot read concept image {str(f)!r}: {err}") from err
         arr = np.asarray(img, dtype=np.uint8)
         out.append(torch.from_numpy(arr.copy()).view(size, size, channels).permute(2, 0, 1))
+    note = _conversion_note(files, sizes, modes, size, channels)
+    key = (str(folder.resolve()), size, channels)
+    if note and key not in _WARNED:
+        _WARNED.add(key)
+        label = f"Concept set {name!r} ({str(folder)!r})" if name else f"Concept folder {str(folder)!r}"
+        log.warning("%s: of its %d images, %s.", label, len(files), note)
     return torch.stack(out)
 
 
@@ -240,7 +285,7 @@ def load_spec(path: str | Path, *, channels: int | None = None, size: int | None
         if "folder" in entry:
             folder = Path(entry["folder"])
             folder = folder if folder.is_absolute() else spec_path.parent / folder
-            images = load_image_folder(folder, size=size, channels=channels)
+            images = load_image_folder(folder, size=size, channels=channels, name=name)
         else:
             images = generate(
                 entry.pop("kind"), int(entry.pop("n")), seed, name, size=size, channels=channels, **entry

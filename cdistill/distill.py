@@ -47,6 +47,7 @@ from cdistill.losses import (
     DIRECTIONS,
     LOGIT_TARGETS,
     POSITION_WEIGHTS,
+    check_subspace_rank,
     concept_loss,
     corner_mask,
     foreground_mask,
@@ -141,12 +142,17 @@ class ConceptDistillModule(ClassifierModule):
             raise CdistillError(f"model.form={form!r}: use one of {FORMS}.")
         if target not in LOGIT_TARGETS:
             raise CdistillError(f"model.target={target!r}: use one of {LOGIT_TARGETS}.")
+        for key, value in (("lambda_c", lambda_c), ("lambda_p", lambda_p), ("lambda_l", lambda_l)):
+            if not value >= 0:  # also NaN; a negative weight would switch the term off unnoticed
+                raise CdistillError(f"model.{key}={value}: a loss weight must be >= 0 (0 switches the term off).")
         terms = list(concepts.get("terms") or [])
         if lambda_c > 0 and not terms:
             raise CdistillError("model.lambda_c > 0 but model.concepts.terms is empty: name at least one concept.")
         for t in terms:
             if t.get("direction", "desensitize") not in DIRECTIONS:
                 raise CdistillError(f"Concept term {t}: direction must be one of {DIRECTIONS}.")
+            if t.get("rank") is not None and (not isinstance(t["rank"], int) or t["rank"] < 1):
+                raise CdistillError(f"Concept term {t}: rank must be a whole number >= 1 (or null: the whole span).")
         if concepts.get("cav_mode", "flatten") not in CAV_MODES:
             raise CdistillError(f"model.concepts.cav_mode={concepts['cav_mode']!r}: use one of {CAV_MODES}.")
         if concepts.get("position_weight", "norm") not in POSITION_WEIGHTS:
@@ -333,6 +339,14 @@ class ConceptDistillModule(ClassifierModule):
             )
         return bank, index.to(self.device)
 
+    def check_subspaces(self) -> None:
+        """Check every subspace term's rank against the span of its fitted CAVs (see
+        :func:`cdistill.losses.check_subspace_rank`)."""
+        for t, term in enumerate(self.terms):
+            rows = self.cav_index[t][self.cav_index[t] >= 0].unique()
+            if bool(self.subspace[t]) and len(rows):
+                check_subspace_rank(self.cavs.vectors[rows], int(self.subspace_rank[t]) or None, term_name(term))
+
     @torch.no_grad()
     def fit_prototypes(self, datamodule: Any) -> Prototypes:
         """K-means (K = 1: class means) of the training activations at ``layer``."""
@@ -363,6 +377,7 @@ class ConceptDistillModule(ClassifierModule):
                 bank, index = self._teacher_cavs(images, maps, bank, index)
             self.cavs = bank.to(self.device)
             self.cav_index = index
+            self.check_subspaces()
             log.info("fitted %d CAVs at %s: accuracies %s", len(bank), self.layer, [round(float(a), 3) for a in bank.accuracies])
             for lg in self.loggers:
                 lg.log_metrics(self.artefact_metrics, step=0)

@@ -3,11 +3,45 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import functools
+import os
+import sys
+from collections.abc import Callable, Iterable
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class CdistillError(ValueError):
     """A user-facing error about bad input or configuration."""
+
+
+class NonFiniteError(CdistillError):
+    """NaN or Inf met in data, activations, gradients or a loss (``model.on_nonfinite``
+    decides whether a training batch that meets one stops the run or is skipped)."""
+
+
+def exit_on_error(task: Callable[P, R]) -> Callable[P, R]:
+    """Wrap a console entry point (under ``@hydra.main``) so that a :class:`CdistillError`
+    ends the process with its message alone on stderr and exit status 1, not a long
+    traceback through Lightning and Hydra. ``HYDRA_FULL_ERROR=1`` re-raises it (full trace),
+    as Hydra does for its own errors.
+    """
+
+    @functools.wraps(task)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return task(*args, **kwargs)
+        except CdistillError as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            sys.stderr.write(f"Error: {err}\n(HYDRA_FULL_ERROR=1 for the full trace)\n")
+            sys.stderr.flush()
+            # SystemExit passes through Hydra's job runner, which only catches Exception.
+            sys.exit(1)
+
+    return run
 
 
 def close_names(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:

@@ -282,8 +282,11 @@ class IntrinsicModule(EvalSplitsModule):
         out["loss"] = loss
         return out
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         out = self.compute_losses(batch)
+        if not bool(torch.isfinite(out["loss"].detach())):
+            self.nonfinite_batch("the loss is not finite", batch, batch_idx)
+            return None
         bs = batch["image"].shape[0]
         for key, value in out.items():
             if key not in ("R", "S"):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cdistill.errors import CdistillError
+from cdistill.errors import CdistillError, NonFiniteError
 
 DIRECTIONS = ("desensitize", "sensitize")
 
@@ -134,6 +134,38 @@ def subspace_basis(vectors: Tensor, rank: int | None = None) -> Tensor:
     return vh[keep]
 
 
+def check_subspace_rank(vectors: Tensor, rank: int | None, term: str) -> None:
+    """Refuse a subspace term that cannot train.
+
+    A ``rank`` above the dimension the CAVs span would silently be cut to the span, and a
+    subspace that fills the whole space (e.g. 10 colour CAVs at 3-channel pixels, rank 3)
+    holds every gradient entirely: the loss is the constant 1.0 (desensitize) or 0.0
+    (sensitize) with no gradient.
+
+    Args:
+        vectors: ``[m, c]`` the term's CAVs.
+        rank: The term's ``rank`` (None or 0: the whole span).
+        term: The term's name (for the message).
+
+    Raises:
+        CdistillError: ``rank`` above the span, or a basis of all ``c`` dimensions.
+    """
+    span = len(subspace_basis(vectors))
+    dim = vectors.shape[-1]
+    if rank and rank > span:
+        raise CdistillError(
+            f"Concept term {term!r}: rank={rank} but its {len(vectors)} CAV(s) (after the accuracy gate) span "
+            f"only {span} dimension(s). Set the term's rank to at most {span}."
+        )
+    used = rank or span
+    if used >= dim:
+        raise CdistillError(
+            f"Concept term {term!r}: its subspace (rank {used}) fills the whole {dim}-dim space of the "
+            "layer, so every gradient lies in it and the loss is constant (no gradient). Set the term's "
+            f"rank below {dim}, or drop subspace: true."
+        )
+
+
 def _aggregate(along: Tensor, norms: Tensor, weighting: str, eps: float) -> Tensor:
     """Per-sample fraction of the gradient along a direction, over positions.
 
@@ -200,6 +232,14 @@ def concept_loss(
     """
     if grads.ndim == 2:
         grads = grads.unsqueeze(1)  # one "position": the flattened map
+    # NaN/Inf is a fault upstream (inputs or activations), not saturation: the rule below would
+    # otherwise count such samples as unusable and return a silent 0.0.
+    bad = ~torch.isfinite(grads.detach()).flatten(1).all(1)  # [B]
+    if bool(bad.any()):
+        raise NonFiniteError(
+            f"Concept loss: the gradients of {int(bad.sum())} of {len(bad)} samples hold NaN/Inf "
+            "(non-finite inputs or activations at the concept layer)"
+        )
     # Every ratio below is invariant to a positive per-sample scale: rescale each sample to a
     # max-abs of 1 so that tiny gradients (a saturated model) neither underflow in the norms
     # nor meet the eps floor.

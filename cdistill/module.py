@@ -7,6 +7,7 @@ optimizer's ``_target_`` config), so checkpoints load with ``torch.load(weights_
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,10 +20,33 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from cdistill.errors import CdistillError, NonFiniteError
 from cdistill.metrics import BiasGroupAccuracy
 from cdistill.students import create_student
 
 Batch = Mapping[str, torch.Tensor]
+log = logging.getLogger(__name__)
+#: What a training batch that meets NaN/Inf does (``model.on_nonfinite``).
+NONFINITE_MODES = ("error", "skip")
+
+
+def check_optimizer(optimizer: Mapping[str, Any]) -> None:
+    """Refuse a learning rate that cannot train: ``lr <= 0`` (or NaN) leaves the weights where
+    they are, or walks uphill, without any error from torch."""
+    lr = optimizer.get("lr")
+    if isinstance(lr, int | float) and not lr > 0:
+        raise CdistillError(f"model.optimizer.lr={lr}: the learning rate must be > 0 (e.g. model.optimizer.lr=1e-3).")
+
+
+def check_nonfinite_mode(mode: str) -> None:
+    """Refuse an unknown ``model.on_nonfinite``."""
+    if mode not in NONFINITE_MODES:
+        raise CdistillError(f"model.on_nonfinite={mode!r}: use one of {NONFINITE_MODES}.")
+
+
+def nonfinite_count(x: torch.Tensor) -> int:
+    """Number of NaN/Inf entries of ``x`` (any shape); one device sync."""
+    return int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
 
 
 def to_plain(cfg: Any) -> Any:
@@ -56,25 +80,72 @@ class EvalSplitsModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Adopt the datamodule's split names so that log keys match its dataloaders."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and self.on_nonfinite == "skip" and self._trainer is not None and self.trainer.world_size > 1:
+            # A rank that skips its backward would leave the others waiting in the all-reduce.
+            raise CdistillError(
+                "model.on_nonfinite=skip works in one process only (a skipped batch on one rank would "
+                "stall the others): use model.on_nonfinite=error with several devices."
+            )
         for attr in ("val_names", "test_names"):
             names = getattr(dm, attr, None)
             if names:
                 self.hparams[attr] = list(names)
                 self._build_eval_metrics(names)
 
+    @property
+    def on_nonfinite(self) -> str:
+        """``error`` (default) or ``skip``: see :meth:`nonfinite_batch`."""
+        return str(self.hparams.get("on_nonfinite", "error"))
+
+    def nonfinite_batch(self, detail: str, batch: Batch, batch_idx: int) -> None:
+        """Handle a training batch whose loss (or a gradient in it) is NaN/Inf.
+
+        ``on_nonfinite=error`` raises a :class:`NonFiniteError` naming the step, the split and
+        whether the images or the model are at fault; ``skip`` logs a warning and returns
+        (the caller returns None from ``training_step``, so Lightning skips the update).
+        Lightning's own default is to train on: the loss becomes ``nan`` and checkpoints of
+        the ruined weights are written with exit status 0.
+        """
+        bad = nonfinite_count(batch["image"])
+        cause = (
+            f"the input images hold {bad} NaN/Inf values: fix the data"
+            if bad else "the input images are finite, so the model diverged: lower model.optimizer.lr or the loss weights"
+        )
+        where = f"training step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}) of split 'train'"
+        if self.on_nonfinite == "skip":
+            log.warning("Skipped %s (model.on_nonfinite=skip): %s; %s.", where, detail, cause)
+            return
+        raise NonFiniteError(
+            f"Non-finite values at {where}: {detail}; {cause}. "
+            "(model.on_nonfinite=skip skips such batches instead.)"
+        )
+
+    def check_eval_batch(self, batch: Batch, split: str, batch_idx: int) -> None:
+        """Refuse NaN/Inf in an evaluation batch's images: a reported metric must cover the
+        whole split, so such a batch is never skipped."""
+        bad = nonfinite_count(batch["image"])
+        if bad:
+            raise NonFiniteError(
+                f"Non-finite values in the images of split {split!r}, batch {batch_idx}: {bad} NaN/Inf "
+                "entries. Fix the data of that split."
+            )
+
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.check_eval_batch(batch, self.hparams["val_names"][dataloader_idx], batch_idx)
         self._eval_step(batch, self.hparams["val_names"], dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end(self.hparams["val_names"])
 
     def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.check_eval_batch(batch, self.hparams["test_names"][dataloader_idx], batch_idx)
         self._eval_step(batch, self.hparams["test_names"], dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end(self.hparams["test_names"])
 
     def configure_optimizers(self) -> Any:
+        check_optimizer(self.hparams["optimizer"])
         opt = hydra.utils.instantiate(self.hparams["optimizer"], params=self.parameters())
         sched_cfg = self.hparams["scheduler"]
         if not sched_cfg:
@@ -109,6 +180,8 @@ class ClassifierModule(EvalSplitsModule):
         val_names: Names of the validation dataloaders, in order (overridden by the
             datamodule's ``val_names`` when it has them).
         test_names: Names of the test dataloaders, in order (likewise).
+        on_nonfinite: A training batch with a NaN/Inf loss: ``error`` stops the run naming the
+            step (default), ``skip`` skips its update with a warning (one process only).
     """
 
     def __init__(
@@ -120,9 +193,12 @@ class ClassifierModule(EvalSplitsModule):
         num_bias_groups: int = 10,
         val_names: Sequence[str] = ("val", "val_reversed"),
         test_names: Sequence[str] = ("test",),
+        on_nonfinite: str = "error",
     ) -> None:
         super().__init__()
         student, optimizer, scheduler = to_plain(student), to_plain(optimizer), to_plain(scheduler)
+        check_optimizer(optimizer)
+        check_nonfinite_mode(on_nonfinite)
         self.save_hyperparameters(
             {
                 "student": dict(student),
@@ -132,6 +208,7 @@ class ClassifierModule(EvalSplitsModule):
                 "num_bias_groups": num_bias_groups,
                 "val_names": list(val_names),
                 "test_names": list(test_names),
+                "on_nonfinite": on_nonfinite,
             }
         )
         self.student = create_student(**student)
@@ -163,8 +240,16 @@ class ClassifierModule(EvalSplitsModule):
         task = F.cross_entropy(logits, batch["label"])
         return {"loss": task, "task": task, "logits": logits}
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        out = self.compute_losses(batch)
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
+        try:
+            out = self.compute_losses(batch)
+        except NonFiniteError as err:  # e.g. NaN gradients in the concept loss
+            self.nonfinite_batch(str(err), batch, batch_idx)
+            return None  # skip: no update from this batch
+        if not bool(torch.isfinite(out["loss"].detach())):  # one sync per step
+            terms = ", ".join(f"{k}={float(v.detach()):g}" for k, v in out.items() if k != "logits" and v.numel() == 1)
+            self.nonfinite_batch(f"the loss is not finite ({terms})", batch, batch_idx)
+            return None
         bs = batch["label"].shape[0]
         for key, value in out.items():
             if key != "logits":

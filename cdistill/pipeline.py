@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cdistill.errors import CdistillError
+from cdistill.errors import CdistillError, exit_on_error
 from cdistill.students import create_student
 from cdistill.tcav_report import summary, tcav_table
 from cdistill.train import CONF_DIR, STUDENT_FILE, instantiate, train
@@ -235,6 +235,7 @@ def run_pipeline(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@exit_on_error
 def main(cfg: DictConfig) -> None:
     """Console entry point: ``cdistill-pipeline experiment=color_mnist/cd``."""
     run_pipeline(cfg)

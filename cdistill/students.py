@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cdistill.checkpoint_files import load_torch_file
 from cdistill.errors import CdistillError, unknown_name
 
 StudentFactory = Callable[..., nn.Module]
@@ -189,7 +190,7 @@ def load_weights(
             f"{role.capitalize()} checkpoint {str(path)!r} does not exist. "
             f"Fix {key} (or set it to null to start from scratch)."
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path, key, f"Give {key} a run's student.pt (or a checkpoints/*.ckpt of a cdistill run).")
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
-from cdistill.errors import CdistillError
+from cdistill.checkpoint_files import check_resume_checkpoint
+from cdistill.errors import CdistillError, exit_on_error
 from cdistill.resources import conf_dir
 from cdistill.students import check_input_channels
 
@@ -60,6 +61,19 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
             "(a checkpoints/last.ckpt of an earlier run) or set ckpt_path=null to start afresh."
         )
     return str(path)
+
+
+def check_trainer_limits(trainer: Mapping[str, Any]) -> None:
+    """Refuse a trainer config that never stops: ``max_epochs=-1`` means "no epoch limit" to
+    Lightning, so without ``max_steps`` or ``max_time`` the run trains forever."""
+    if trainer.get("fast_dev_run"):
+        return
+    endless_steps = trainer.get("max_steps") in (None, -1)
+    if trainer.get("max_epochs") == -1 and endless_steps and not trainer.get("max_time"):
+        raise CdistillError(
+            "trainer.max_epochs=-1 with no trainer.max_steps and no trainer.max_time trains forever. "
+            "Set trainer.max_epochs=<N>, or keep -1 and add +trainer.max_time=DD:HH:MM:SS or +trainer.max_steps=<N>."
+        )
 
 
 def protocol_metric(name: str, spec: Any) -> tuple[str | None, str]:
@@ -189,6 +203,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_input_channels(model.student, datamodule.num_channels, cfg.model.student.name)
     model.run_config = OmegaConf.to_yaml(cfg, resolve=True)
 
+    check_trainer_limits(cfg.trainer)
     callbacks = instantiate_group(cfg.get("callbacks"))
     protocols: dict[str, Any] = dict(cfg.get("protocols") or {})
     selectors = protocol_checkpoints(protocols, cfg.paths.output_dir, callbacks) if cfg.get("train", True) else {}
@@ -201,6 +216,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if cfg.get("train", True):
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+        if ckpt_path:
+            check_resume_checkpoint(ckpt_path, model, cfg.model.student.get("name"))
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics.update(_as_floats(trainer.callback_metrics))
         metrics.update(getattr(model, "artefact_metrics", {}))  # e.g. CAV accuracies in both spaces
@@ -212,6 +229,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@exit_on_error
 def main(cfg: DictConfig) -> float | None:
     """Console entry point; returns ``optimized_metric`` for Hydra sweepers."""
     metrics = train(cfg)
