@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
+import cdistill.cav as cav
 from cdistill.cav import (
     CAVBank,
     CAVResult,
@@ -95,6 +96,60 @@ def test_solutions_match_sklearn_objectives(d: int) -> None:
     v, _ = fit_linear(pos, neg, "ridge", alpha=3.0)
     w = torch.from_numpy(ridge.coef_)
     assert float(v @ w / w.norm()) > 0.99999
+
+
+def junk_direction_data(d: int, n: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Float32 activations whose largest-variance direction (std 300 vs 1) carries no
+    concept information; the concept shifts the mean by 0.4 along ``u``, orthogonal to it."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(d, generator=g)
+    u /= u.norm()
+    junk = torch.randn(d, generator=g)
+    junk -= (junk @ u) * u
+    junk /= junk.norm()
+
+    def sample(shift: float) -> Tensor:
+        x = torch.randn(n, d, generator=g) + 3.0 + shift * u
+        return x + 300 * torch.randn(n, 1, generator=g) * junk
+
+    return sample(0.4), sample(0.0), junk
+
+
+@pytest.mark.parametrize("solver", ["logistic", "svm", "ridge"])
+@pytest.mark.parametrize("n", [40, 140, 149, 300])  # 2n rows vs d = 300: n << d, near d, > d
+@pytest.mark.parametrize("path", ["gram", "rows"])
+def test_float32_fit_matches_float64_optimum(
+    solver: str, n: int, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Float32 activations (what collect_activations returns) must give the float64 optimum
+    # on the same data, by either solution path, although rounding at float32 level is
+    # larger than the informative part of the spectrum here.
+    pos, neg, junk = junk_direction_data(d=300, n=n)
+    v64, _ = fit_linear(pos.double(), neg.double(), solver)
+    monkeypatch.setattr(
+        cav, "_gram_is_cheaper", lambda n, d, solver: path == "gram" and d > n, raising=False
+    )
+    v32, b32 = fit_linear(pos, neg, solver)
+    assert v32.dtype == b32.dtype == torch.float32
+    assert float(v32.double() @ v64) > 0.9999
+    assert abs(float(v32 @ junk)) < 0.5  # the junk direction did not become the CAV
+
+
+def test_iterative_path_when_n_approaches_d(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rows close to the dimension: no n x n Gram matrix / eigendecomposition (O(n²d + n³)).
+    for solver in ("logistic", "svm", "ridge"):
+        assert cav._gram_is_cheaper(700, 25088, solver)  # few rows of many features
+        assert not cav._gram_is_cheaper(20_000, 25088, solver)
+        assert not cav._gram_is_cheaper(4000, 3200, solver)  # n > d
+    assert not cav._gram_is_cheaper(2100, 3200, "logistic")
+
+    def no_eigh(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("eigendecomposition of the Gram matrix")
+
+    monkeypatch.setattr(torch.linalg, "eigh", no_eigh)
+    pos, neg, junk = junk_direction_data(d=1000, n=450)
+    v, _ = fit_linear(pos, neg, "logistic")
+    assert abs(float(v @ junk)) < 0.5
 
 
 def test_heldout_accuracy_agrees_with_sklearn_on_the_same_split() -> None:
