@@ -28,11 +28,11 @@ from cdistill.resolvers import register_resolvers
 from cdistill.students import check_input_channels
 
 log = logging.getLogger(__name__)
-STUDENT_FILE = "student.pt"
+register_resolvers()  # ${cdistill.run_suffix:} and ${cdistill.launch_dir:} in conf/hydra, conf/paths
 #: Per protocol: the file and epoch it tested (``metrics.json`` keeps numbers only).
 SELECTION_FILE = "selection.json"
+STUDENT_FILE = "student.pt"
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-register_resolvers()  # ${cdistill.run_suffix:} and ${cdistill.launch_dir:} in conf/hydra, conf/paths
 
 
 def instantiate(cfg: DictConfig, **kwargs: Any) -> Any:

@@ -220,6 +220,17 @@ def test_ddp_sim_runs_without_extra_output_dirs(tmp_path: Path) -> None:
     assert not list((tmp_path / "logs" / "run").glob("*/.hydra"))
 
 
+@pytest.mark.slow
+@pytest.mark.core
+def test_ddp_sim_ranks_share_the_default_run_dir(tmp_path: Path) -> None:
+    # No hydra.run.dir: rank 1 must write into rank 0's <time>_<tag> folder, not draw its own tag.
+    res = run_cli(["experiment=color_mnist/baseline", "trainer=ddp_sim", "debug=limit", "data.max_train_samples=256"],
+                  tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (run,) = (tmp_path / "logs").glob("*/runs/*")
+    assert (run / "metrics.json").is_file() and len(list(run.rglob(".hydra"))) == 1
+
+
 def test_pipeline_writes_report(make_cfg: MakeCfg, tmp_path: Path) -> None:
     from cdistill.pipeline import run_pipeline
 
