@@ -290,7 +290,8 @@ class IntrinsicModule(EvalSplitsModule):
         bs = batch["image"].shape[0]
         for key, value in out.items():
             if key not in ("R", "S"):
-                self.log(f"train/{key}", value.detach(), on_step=True, on_epoch=True, batch_size=bs)
+                self.log(f"train/{key}", value.detach(), on_step=True, on_epoch=True, batch_size=bs,
+                         prog_bar=key == "loss")
         return out["loss"]
 
     # ------------------------------------------------------------------ evaluation

@@ -253,9 +253,11 @@ class ClassifierModule(EvalSplitsModule):
         bs = batch["label"].shape[0]
         for key, value in out.items():
             if key != "logits":
-                self.log(f"train/{key}", value.detach(), on_step=True, on_epoch=True, batch_size=bs)
+                # The progress bar shows the objective and the accuracy, not every term.
+                self.log(f"train/{key}", value.detach(), on_step=True, on_epoch=True, batch_size=bs,
+                         prog_bar=key == "loss")
         self.train_acc(out["logits"].detach().argmax(1), batch["label"])
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=bs)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=bs, prog_bar=True)
         return out["loss"]
 
     def _metrics(self, name: str) -> MetricCollection:

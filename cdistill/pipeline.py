@@ -9,8 +9,9 @@
 3. test both under every model-selection protocol, and measure the bias concept's TCAV score
    (with its p-value against random CAVs) on the base and on the distilled model.
 
-Then it prints a table (mean ± std over seeds) and writes ``pipeline.md``, ``pipeline.csv``
-and ``pipeline.json`` in the run directory.
+Then it prints the summary (mean ± std over seeds), writes ``pipeline.md``, ``pipeline.csv``
+and ``pipeline.json`` in the run directory, and logs the summary (``<stage>/<key>``, e.g.
+``cd/paper/test/acc``, and ``<stage>/<key>_std``) to the configured loggers.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from cdistill.errors import CdistillError, exit_on_error
 from cdistill.students import create_student
 from cdistill.tcav_report import summary, tcav_table
-from cdistill.train import CONF_DIR, STUDENT_FILE, instantiate, train
+from cdistill.train import CONF_DIR, STUDENT_FILE, instantiate, instantiate_group, train
 
 log = logging.getLogger(__name__)
 BASE_KEYS = ("student", "optimizer", "scheduler", "num_classes", "num_bias_groups")
@@ -108,6 +109,11 @@ ROWS = [
     ("test/acc_aligned", "test acc, bias-aligned"),
     ("test/acc_conflicting", "test acc, bias-conflicting"),
 ]
+#: Units of the summary: accuracies in percent; TCAV scores and shares as fractions in [0, 1];
+#: p-values as probabilities (printed in scientific notation).
+PERCENT, FRACTION, P_VALUE = "%", "fraction", "p-value"
+SCALE = {PERCENT: 100.0, FRACTION: 1.0, P_VALUE: 1.0}
+CSV_FIELDS = ["metric", "key", "unit", "n_seeds", "base_mean", "base_std", "cd_mean", "cd_std"]
 
 
 def _mean_std(vals: Sequence[float], scale: float = 100.0) -> str:
@@ -117,51 +123,112 @@ def _mean_std(vals: Sequence[float], scale: float = 100.0) -> str:
     return f"{scale * np.mean(vals):.2f} ± {scale * std:.2f}"
 
 
-def summarize(per_seed: Sequence[Mapping[str, Mapping[str, float]]], protocols: Sequence[str]) -> list[dict[str, str]]:
-    """Rows ``{metric, base, cd}`` with ``mean ± std`` (percent) over seeds."""
+def _stats(vals: Sequence[float], scale: float) -> tuple[float | None, float | None]:
+    """``(mean, std)`` over seeds in the row's unit (sample std; 0.0 for one seed)."""
+    if not vals:
+        return None, None
+    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    return scale * float(np.mean(vals)), scale * std
 
-    def cell(stage: str, key: str, scale: float) -> str:
-        return _mean_std([r[stage][key] for r in per_seed if key in r[stage]], scale)
 
-    rows = []
-    for proto in protocols:
-        for key, label in ROWS:
-            base, cd = cell("base", f"{proto}/{key}", 100), cell("cd", f"{proto}/{key}", 100)
-            if base != "-" or cd != "-":  # e.g. no bias-aligned test images on the MNIST benchmarks
-                rows.append({"metric": f"{label} ({proto} selection)", "base": base, "cd": cd})
+def _row(per_seed: Sequence[Mapping[str, Mapping[str, float]]], label: str, key: str, unit: str,
+         stages: Sequence[str] = ("base", "cd")) -> dict[str, Any]:
+    """One summary row: ``metric`` (label), ``key`` (of the per-seed metrics), ``unit``,
+    ``n_seeds`` and ``<stage>_mean``/``<stage>_std`` in that unit (None where not measured)."""
+    row: dict[str, Any] = {"metric": label, "key": key, "unit": unit, "n_seeds": len(per_seed)}
+    for stage in ("base", "cd"):
+        vals = [r[stage][key] for r in per_seed if key in r[stage]] if stage in stages else []
+        row[f"{stage}_mean"], row[f"{stage}_std"] = _stats(vals, SCALE[unit])
+    return row
+
+
+def _measured(row: Mapping[str, Any]) -> bool:
+    return row["base_mean"] is not None or row["cd_mean"] is not None
+
+
+def summarize(per_seed: Sequence[Mapping[str, Mapping[str, float]]], protocols: Sequence[str]) -> list[dict[str, Any]]:
+    """Summary rows (see :func:`_row`): numbers, mean and std apart, one unit per row."""
+    rows = [_row(per_seed, f"{label} ({proto} selection)", f"{proto}/{key}", PERCENT)
+            for proto in protocols for key, label in ROWS]
     # Erasure runs: a fresh linear probe for the bias at the erased layer (val split).
     probes = (("test/bias_probe_acc", "bias probe acc, erasers on"),
               ("test/bias_probe_acc_unerased", "bias probe acc, erasers off"),
               ("test/bias_probe_chance", "bias probe chance (majority rate)"))
     for key, label in probes:
         if any(f"{protocols[0]}/{key}" in r["cd"] for r in per_seed):
-            for proto in protocols:
-                rows.append({"metric": f"{label} ({proto} selection)", "base": "-",
-                             "cd": cell("cd", f"{proto}/{key}", 100)})
-    for key, label in (("val/acc", "val acc (in-distribution, last epoch)"),):
-        rows.append({"metric": label, "base": cell("base", key, 100), "cd": cell("cd", key, 100)})
+            rows += [_row(per_seed, f"{label} ({proto} selection)", f"{proto}/{key}", PERCENT, ("cd",))
+                     for proto in protocols]
+    rows.append(_row(per_seed, "val acc (in-distribution, last epoch)", "val/acc", PERCENT))
     if any("tcav" in r["base"] for r in per_seed):
-        rows.append({"metric": "bias TCAV score", "base": cell("base", "tcav", 1), "cd": cell("cd", "tcav", 1)})
-        rows.append({"metric": "bias TCAV p (Holm, median)", "base": cell("base", "tcav_p", 1), "cd": cell("cd", "tcav_p", 1)})
-        rows.append({"metric": "bias TCAV significant (share of classes, p < 0.05)", "base": cell("base", "tcav_significant", 1),
-                     "cd": cell("cd", "tcav_significant", 1)})
-    return rows
+        rows.append(_row(per_seed, "bias TCAV score", "tcav", FRACTION))
+        rows.append(_row(per_seed, "bias TCAV p (Holm, median)", "tcav_p", P_VALUE))
+        rows.append(_row(per_seed, "bias TCAV significant (share of classes, p < 0.05)", "tcav_significant", FRACTION))
+    # e.g. no bias-aligned test images on the MNIST benchmarks
+    return [r for r in rows if _measured(r)]
 
 
-def write_report(rows: list[dict[str, str]], per_seed: list[dict[str, Any]], out: Path, title: str) -> str:
-    """Write ``pipeline.md``, ``pipeline.csv`` and ``pipeline.json``; return the markdown."""
+def _cell(mean: float | None, std: float | None, unit: str) -> str:
+    """``mean ± std`` for the markdown table; p-values in scientific notation (a p of 6.7e-05
+    must not read as 0.00)."""
+    if mean is None or std is None:
+        return "-"
+    return f"{mean:.2e} ± {std:.2e}" if unit == P_VALUE else f"{mean:.2f} ± {std:.2f}"
+
+
+def _md_table(rows: Sequence[Mapping[str, Any]], with_unit: bool) -> list[str]:
+    head = "| metric |" + (" unit |" if with_unit else "") + " base | concept-distilled |"
+    md = [head, "|---" * (4 if with_unit else 3) + "|"]
+    for r in rows:
+        unit = f" {r['unit']} |" if with_unit else ""
+        md.append(f"| {r['metric']} |{unit} {_cell(r['base_mean'], r['base_std'], r['unit'])} | "
+                  f"{_cell(r['cd_mean'], r['cd_std'], r['unit'])} |")
+    return md
+
+
+def write_report(rows: list[dict[str, Any]], per_seed: list[dict[str, Any]], out: Path, title: str) -> str:
+    """Write ``pipeline.md`` (accuracies and TCAV in separate tables, one unit each),
+    ``pipeline.csv`` (numeric: one row per metric with its unit, mean and std in separate
+    columns) and ``pipeline.json`` (every seed's metrics); return the markdown."""
     out.mkdir(parents=True, exist_ok=True)
-    md = [f"# {title}", "", "| metric | base | concept-distilled |", "|---|---|---|"]
-    md += [f"| {r['metric']} | {r['base']} | {r['cd']} |" for r in rows]
-    md += ["", f"mean ± std over {len(per_seed)} seed(s); accuracies in %."]
+    acc = [r for r in rows if r["unit"] == PERCENT]
+    tcav = [r for r in rows if r["unit"] != PERCENT]
+    md = [f"# {title}", "", f"Accuracy (%), mean ± std over {len(per_seed)} seed(s):", "", *_md_table(acc, False)]
+    if tcav:
+        md += ["", "Bias TCAV (score and share: fractions in [0, 1]; p: probability), mean ± std:", "",
+               *_md_table(tcav, True)]
     text = "\n".join(md) + "\n"
     (out / "pipeline.md").write_text(text)
     with (out / "pipeline.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["metric", "base", "cd"])
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows([{k: ("" if r[k] is None else r[k]) for k in CSV_FIELDS} for r in rows])
     (out / "pipeline.json").write_text(json.dumps(per_seed, indent=2))
     return text
+
+
+def summary_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The summary as logger metrics in the per-run scale (fractions, as in ``metrics.json``):
+    ``<stage>/<key>`` (mean over seeds, e.g. ``cd/paper/test/acc``, the CD sweep's objective)
+    and ``<stage>/<key>_std``."""
+    out: dict[str, float] = {}
+    for r in rows:
+        scale = SCALE[r["unit"]]
+        for stage in ("base", "cd"):
+            if r[f"{stage}_mean"] is not None:
+                out[f"{stage}/{r['key']}"] = r[f"{stage}_mean"] / scale
+                out[f"{stage}/{r['key']}_std"] = r[f"{stage}_std"] / scale
+    return out
+
+
+def log_summary(cfg: DictConfig, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Log the summary (:func:`summary_metrics`) to the configured loggers, e.g. wandb for a
+    sweep over pipeline runs."""
+    loggers = instantiate_group(cfg.get("logger"))
+    metrics = summary_metrics(rows)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        lg.log_metrics(metrics, step=0)
+        lg.finalize("success")
 
 
 def write_ablation(per_seed: Sequence[Mapping[str, Any]], protocols: Sequence[str], out: Path, task: str) -> str:
@@ -228,6 +295,7 @@ def run_pipeline(cfg: DictConfig) -> list[dict[str, Any]]:
     protocols = list(cfg.get("protocols") or {"last": None})
     rows = summarize(per_seed, protocols)
     text = write_report(rows, per_seed, root, f"{cfg.task_name}: base vs concept distillation")
+    log_summary(cfg, rows)
     if cfg.pipeline.get("ablation"):
         text += "\n" + write_ablation(per_seed, protocols, root, str(cfg.task_name))
     log.info("\n" + text + f"\nwritten to {root}/pipeline.md, pipeline.csv, pipeline.json")

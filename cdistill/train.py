@@ -1,5 +1,6 @@
 """Hydra entry point: build data, model, callbacks, loggers and trainer from the config; fit;
-test; write ``metrics.json`` in the run directory.
+test; write ``metrics.json`` (numbers) and ``selection.json`` (which epoch and checkpoint each
+model-selection protocol tested) in the run directory.
 
 ``python train.py experiment=color_mnist/baseline`` or the ``cdistill-train`` console script.
 """
@@ -10,6 +11,7 @@ import copy
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,14 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from cdistill.checkpoint_files import check_resume_checkpoint
 from cdistill.errors import CdistillError, exit_on_error
+from cdistill.resolvers import register_resolvers
 from cdistill.resources import conf_dir
 from cdistill.students import check_input_channels
 
 log = logging.getLogger(__name__)
+register_resolvers()  # ${cdistill.run_suffix:} and ${cdistill.launch_dir:} in conf/hydra, conf/paths
+#: Per protocol: the file and epoch it tested (``metrics.json`` keeps numbers only).
+SELECTION_FILE = "selection.json"
 STUDENT_FILE = "student.pt"
 CONF_DIR = conf_dir()  # the checkout's conf/, or the copy an installed wheel ships
 
@@ -138,10 +144,126 @@ def _save_student(model: pl.LightningModule, output_dir: str) -> None:
     torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()}, Path(output_dir) / STUDENT_FILE)
 
 
+@dataclass
+class Selection:
+    """The weights one model-selection protocol tests, captured before any test runs.
+
+    Attributes:
+        monitor: Validation metric the protocol selects on (None: the last epoch).
+        mode: ``max`` or ``min`` (None without a monitor).
+        file: Checkpoint the protocol selected (None: the weights in memory after the last
+            epoch, e.g. for ``last``, ``fast_dev_run`` or ``train=false``).
+        score: The monitored metric's value at the selected epoch (None without a file).
+        epoch: Selected epoch (0-based; None when unknown, e.g. ``train=false``). For a file,
+            the epoch stored in it, read when it is loaded for the test.
+    """
+
+    monitor: str | None
+    mode: str | None
+    file: str | None
+    score: float | None
+    epoch: int | None
+
+
+def capture_selections(
+    protocols: Mapping[str, Any], selectors: Mapping[str, ModelCheckpoint], last_epoch: int | None
+) -> dict[str, Selection]:
+    """Each protocol's selection as it stands after training, taken before any test (testing a
+    checkpoint with ``trainer.test(ckpt_path=...)`` restores every callback's state from it and
+    so rewinds the other selectors to that epoch; :func:`_test` loads only the weights).
+
+    Args:
+        protocols: Protocol name -> spec (see :func:`protocol_metric`); empty: ``{"last": None}``.
+        selectors: Protocol name -> its checkpoint callback (:func:`protocol_checkpoints`).
+        last_epoch: Index of the last trained epoch (None when nothing was trained).
+    """
+    out: dict[str, Selection] = {}
+    for name, spec in (protocols or {"last": None}).items():
+        metric, mode = protocol_metric(name, spec)
+        selector = selectors.get(name)
+        file = selector.best_model_path if selector is not None and selector.best_model_path else None
+        score = selector.best_model_score if selector is not None and file else None
+        if metric and file is None and last_epoch is not None:
+            log.warning("protocol %s: no checkpoint selected by %s; testing the last epoch's weights", name, metric)
+        score_f = None if score is None else float(score)
+        # A file's epoch is read from it when it is loaded for the test.
+        out[name] = Selection(metric, mode if metric else None, file, score_f, None if file else last_epoch)
+    return out
+
+
+def _load_selected(model: pl.LightningModule, selection: Selection) -> None:
+    """Load the selected checkpoint's weights into ``model`` (only the weights: no callback,
+    loop or optimizer state) and record the epoch stored in it."""
+    assert selection.file is not None
+    ckpt = torch.load(selection.file, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["state_dict"], strict=model.strict_loading)
+    selection.epoch = int(ckpt["epoch"])
+
+
+def _log_to(loggers: list[Any], metrics: Mapping[str, float], step: int) -> None:
+    """Log ``metrics`` to every logger at ``step`` and flush them (rank zero does the writing)."""
+    for lg in loggers:
+        lg.log_metrics(dict(metrics), step=step)
+        lg.save()
+
+
+def _test(
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    selections: Mapping[str, Selection],
+) -> dict[str, float]:
+    """Test each protocol's own selection: ``<protocol>/<split>/<metric>`` and
+    ``<protocol>/selected_epoch``; the unprefixed ``<split>/<metric>`` keys are the first
+    protocol's. The model is left with the last epoch's weights.
+
+    Lightning's loggers are detached during the tests (each would receive an unlabelled
+    ``test/...`` per protocol); the labelled keys are logged once the tests are done.
+    """
+    out: dict[str, float] = {}
+    last_state = copy.deepcopy(model.state_dict())
+    loggers = list(trainer.loggers)
+    trainer.loggers = []
+    try:
+        for i, (name, selection) in enumerate(selections.items()):
+            if selection.file is None:
+                model.load_state_dict(last_state)
+            else:
+                _load_selected(model, selection)
+            log.info(f"test ({name} protocol): {selection.file or 'weights in memory (last epoch)'}, epoch {selection.epoch}")
+            trainer.test(model, datamodule=datamodule, verbose=False)
+            tested = {k: v for k, v in _as_floats(trainer.callback_metrics).items() if k.startswith("test")}
+            out.update({f"{name}/{k}": v for k, v in tested.items()})
+            if selection.epoch is not None:
+                out[f"{name}/selected_epoch"] = float(selection.epoch)
+            if i == 0:
+                out.update(tested)
+    finally:
+        trainer.loggers = loggers
+        model.load_state_dict(last_state)
+    _log_to(loggers, out, trainer.global_step)
+    return out
+
+
+def _last_epoch(trainer: pl.Trainer, trained: bool) -> int | None:
+    """Index of the last completed training epoch (None when nothing was trained)."""
+    return max(trainer.current_epoch - 1, 0) if trained else None
+
+
 @rank_zero_only
-def _report(metrics: dict[str, float], output_dir: str, protocols: Mapping[str, Any]) -> None:
+def _report(
+    metrics: dict[str, float],
+    output_dir: str,
+    protocols: Mapping[str, Any],
+    selections: Mapping[str, Selection] | None = None,
+) -> None:
+    """Write ``metrics.json`` (flat, numeric) and ``selection.json`` (per protocol: monitor,
+    mode, tested file, score, epoch); print the evaluation table."""
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     (Path(output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    if selections:
+        table = {name: asdict(sel) for name, sel in selections.items()}
+        (Path(output_dir) / SELECTION_FILE).write_text(json.dumps(table, indent=2))
     prefixes = set(protocols) | {"train"}
     # Evaluation splits: those with an accuracy (classification) or a reflectance error (IID).
     splits = sorted({k.split("/")[0] for k in metrics if k.count("/") == 1 and k.endswith(("/acc", "/r_mse"))} - prefixes)
@@ -162,36 +284,9 @@ def _report(metrics: dict[str, float], output_dir: str, protocols: Mapping[str, 
     by_protocol = [f"{p} {100 * metrics[f'{p}/test/acc']:.2f}" for p in protocols if f"{p}/test/acc" in metrics]
     if by_protocol:
         lines.append("test acc by model-selection protocol: " + ", ".join(by_protocol))
+    for name, sel in (selections or {}).items():
+        lines.append(f"  {name}: epoch {sel.epoch}, {sel.file or 'weights in memory after the last epoch'}")
     log.info("\n".join(lines) + f"\nmetrics written to {output_dir}/metrics.json")
-
-
-def _test(
-    trainer: pl.Trainer,
-    model: pl.LightningModule,
-    datamodule: pl.LightningDataModule,
-    protocols: Mapping[str, Any],
-    selectors: Mapping[str, ModelCheckpoint],
-) -> dict[str, float]:
-    """Test once per protocol: ``<protocol>/<split>/<metric>``; unprefixed keys = the first.
-
-    A protocol without a checkpoint (metric None, fast_dev_run, no training) tests the weights
-    in memory, i.e. the last epoch's.
-    """
-    out: dict[str, float] = {}
-    # Testing a checkpoint loads its weights into the model: keep the last epoch's to restore.
-    last_state = copy.deepcopy(model.state_dict())
-    for i, name in enumerate(protocols or {"last": None}):
-        selector = selectors.get(name)
-        ckpt = selector.best_model_path if selector is not None and selector.best_model_path else None
-        if ckpt is None:
-            model.load_state_dict(last_state)
-        log.info(f"test ({name} protocol): {ckpt or 'weights in memory (last epoch)'}")
-        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True, verbose=False)
-        tested = {k: v for k, v in _as_floats(trainer.callback_metrics).items() if k.startswith("test")}
-        out.update({f"{name}/{k}": v for k, v in tested.items()})
-        if i == 0:
-            out.update(tested)
-    return out
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -222,9 +317,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics.update(_as_floats(trainer.callback_metrics))
         metrics.update(getattr(model, "artefact_metrics", {}))  # e.g. CAV accuracies in both spaces
         _save_student(model, output_dir)
+    selections: dict[str, Selection] = {}
     if cfg.get("test", True):
-        metrics.update(_test(trainer, model, datamodule, protocols, selectors))
-    _report(metrics, output_dir, protocols)
+        # Every protocol's selection is fixed before the first test touches the model.
+        selections = capture_selections(protocols, selectors, _last_epoch(trainer, cfg.get("train", True)))
+        metrics.update(_test(trainer, model, datamodule, selections))
+    _report(metrics, output_dir, protocols, selections)
     return metrics
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -116,13 +118,49 @@ def test_cli_run_and_multirun(tmp_path: Path) -> None:
     res = run_cli(["experiment=decoy_mnist/baseline", "debug=fdr", f"hydra.run.dir={tmp_path}/run"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "run" / "metrics.json").is_file()
-    res = run_cli(
-        ["-m", "experiment=color_mnist/baseline", "debug=fdr", "seed=1,2",
-         f"hydra.sweep.dir={tmp_path}/multi"], tmp_path,
-    )
+
+
+def test_readme_multirun_runs_as_written(tmp_path: Path) -> None:
+    # README: `python train.py -m experiment=color_mnist/baseline seed=0,1,2`, here with
+    # debug=fdr and without hydra.sweep.dir (the default sweep dir, under ./logs, must resolve).
+    res = run_cli(["-m", "experiment=color_mnist/baseline", "seed=0,1", "debug=fdr"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert (tmp_path / "multi" / "0" / "metrics.json").is_file()
-    assert (tmp_path / "multi" / "1" / "metrics.json").is_file()
+    (sweep,) = (tmp_path / "logs").glob("*/multiruns/*")
+    assert (sweep / "0" / "metrics.json").is_file() and (sweep / "1" / "metrics.json").is_file()
+
+
+# Prints the run and sweep dirs that two composes in one process resolve, with the clock fixed
+# to one second (as for two runs started in the same second).
+_RUN_DIRS = """
+import json, sys
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+import cdistill.train  # registers cdistill's resolvers
+dirs = []
+for _ in range(2):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
+        # after Hydra's own registration of `now`
+        OmegaConf.register_new_resolver("now", lambda pattern: "2000-01-01_00-00-00", replace=True)
+        cfg = compose("train", ["paths.log_dir=/logs"], return_hydra_config=True)
+    dirs.append([cfg.hydra.run.dir, cfg.hydra.sweep.dir])
+print(json.dumps(dirs))
+"""
+
+
+def test_run_dirs_differ_between_processes_started_in_the_same_second(tmp_path: Path) -> None:
+    procs = [
+        subprocess.run([sys.executable, "-c", _RUN_DIRS, str(ROOT / "conf")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, check=False)
+        for _ in range(2)
+    ]
+    for p in procs:
+        assert p.returncode == 0, p.stderr[-3000:]
+    (a1, a2), (b1, b2) = (json.loads(p.stdout.strip().splitlines()[-1]) for p in procs)
+    assert a1 == a2 and b1 == b2  # stable within a process (DDP ranks, repeated composes)
+    assert a1[0] != b1[0] and a1[1] != b1[1]  # distinct between processes: run and sweep dirs
+    assert a1[0].startswith("/logs/train/runs/2000-01-01_00-00-00")
 
 
 def render_sweep_command(sweep: dict, program_args: list[str]) -> list[str]:
@@ -150,15 +188,21 @@ def render_sweep_command(sweep: dict, program_args: list[str]) -> list[str]:
 def test_sweep_command_runs(sweep_file: Path, tmp_path: Path) -> None:
     sweep = yaml.safe_load(sweep_file.read_text())
     assert "${args_no_hyphens}" in sweep["command"]
-    shrink = ["debug=fdr", "data.max_train_samples=256", f"hydra.run.dir={tmp_path}/run"]
+    # Tiny limits rather than debug=fdr, which switches the loggers off.
+    shrink = ["data.max_train_samples=256", "data.num_workers=0", "trainer.max_epochs=1",
+              "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1",
+              "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}/run"]
     pipeline = sweep["program"] == "pipeline.py"
     if pipeline:  # one seed is enough to check that the command runs
-        shrink += ["pipeline.seeds=[0]", "pipeline.tcav.enabled=false"]
+        shrink += ["pipeline.seeds=[0]", "pipeline.tcav.enabled=false", "pipeline.base_epochs=1"]
     cmd = render_sweep_command(sweep, shrink)
     env = {**os.environ, "WANDB_MODE": "offline"}
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "run" / ("pipeline.json" if pipeline else "metrics.json")).is_file()
+    # The agent reads the sweep's metric from the wandb run: it must have been logged there.
+    runs = list((tmp_path / "run").rglob("offline-run-*/*.wandb"))
+    assert runs and any(sweep["metric"]["name"].encode() in r.read_bytes() for r in runs)
 
 
 @pytest.mark.slow
@@ -176,18 +220,39 @@ def test_ddp_sim_runs_without_extra_output_dirs(tmp_path: Path) -> None:
     assert not list((tmp_path / "logs" / "run").glob("*/.hydra"))
 
 
+@pytest.mark.slow
+@pytest.mark.core
+def test_ddp_sim_ranks_share_the_default_run_dir(tmp_path: Path) -> None:
+    # No hydra.run.dir: rank 1 must write into rank 0's <time>_<tag> folder, not draw its own tag.
+    res = run_cli(["experiment=color_mnist/baseline", "trainer=ddp_sim", "debug=limit", "data.max_train_samples=256"],
+                  tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (run,) = (tmp_path / "logs").glob("*/runs/*")
+    assert (run / "metrics.json").is_file() and len(list(run.rglob(".hydra"))) == 1
+
+
 def test_pipeline_writes_report(make_cfg: MakeCfg, tmp_path: Path) -> None:
     from cdistill.pipeline import run_pipeline
 
     cfg = make_cfg("experiment=color_mnist/cd", "debug=fdr", "data.max_train_samples=128", "pipeline.seeds=[0]")
+    with open_dict(cfg):  # debug=fdr switches the loggers off; the summary must reach this one
+        cfg.logger = {"csv": {"_target_": "pytorch_lightning.loggers.CSVLogger", "save_dir": "${paths.output_dir}",
+                              "name": "csv"}}
     records = run_pipeline(cfg)
     out = Path(cfg.paths.output_dir)
     assert (out / "seed0" / "base" / "student.pt").is_file()
     assert (out / "seed0" / "cd" / "student.pt").is_file()
     md = (out / "pipeline.md").read_text()
-    assert "| bias TCAV score |" in md and "| test acc (strict selection) |" in md
-    rows = (out / "pipeline.csv").read_text().splitlines()
-    assert rows[0] == "metric,base,cd" and len(rows) > 5
+    assert "| bias TCAV score | fraction |" in md and "| test acc (strict selection) |" in md
+    with (out / "pipeline.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    paper = next(r for r in rows if r["key"] == "paper/test/acc")
+    assert paper["unit"] == "%" and float(paper["cd_mean"]) == pytest.approx(100 * records[0]["cd"]["paper/test/acc"])
+    (logged,) = out.glob("csv/version_*/metrics.csv")
+    with logged.open() as f:
+        (summary,) = list(csv.DictReader(f))
+    assert float(summary["cd/paper/test/acc"]) == pytest.approx(records[0]["cd"]["paper/test/acc"])
+    assert float(summary["base/tcav"]) == pytest.approx(records[0]["base"]["tcav"])
     assert 0.0 <= records[0]["base"]["tcav"] <= 1.0 and 0.0 <= records[0]["cd"]["tcav"] <= 1.0
     base = torch.load(out / "seed0" / "base" / "student.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in base.values())
