@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -157,3 +158,47 @@ def test_sigkill_resume_is_exact_faces_cd(tmp_path: Path) -> None:
             "model.concepts.refresh_every_n_steps=5"]
     full, resumed, _ = kill_and_resume(tmp_path, args, 6, by_path=True)
     assert resumed == full
+
+
+def test_random_draws_come_from_the_checkpointed_generator(make_cfg: MakeCfg) -> None:
+    from cdistill.train import instantiate
+
+    torch.manual_seed(0)  # the module's generator is seeded from the run's seed
+    model = instantiate(make_cfg("experiment=color_mnist/cd_best").model)
+    model.artefact_metrics = {"cav/acc_student": 0.75}
+    ckpt: dict = {}
+    model.on_save_checkpoint(ckpt)
+    labels, images = torch.zeros(32, dtype=torch.long), torch.rand(4, 3, 28, 28)
+    before = torch.get_rng_state()
+    drawn, target = model._logit_target(labels, 10)
+    mask = model._local_mask(images)
+    assert target == "logit" and torch.equal(torch.get_rng_state(), before)  # the global RNG is untouched
+
+    torch.manual_seed(1)
+    fresh = instantiate(make_cfg("experiment=color_mnist/cd_best").model)
+    assert not torch.equal(fresh._logit_target(labels, 10)[0], drawn)
+    fresh.on_load_checkpoint(torch.load(_saved(ckpt), weights_only=True))
+    assert fresh.artefact_metrics == {"cav/acc_student": 0.75}
+    assert torch.equal(fresh._logit_target(labels, 10)[0], drawn)
+    assert torch.equal(fresh._local_mask(images), mask)
+
+
+def _saved(obj: dict) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_ckpt_path_last_finds_the_latest_run(tmp_path: Path) -> None:
+    from cdistill.train import checkpoint_run_dir, resolve_ckpt_path
+
+    runs = tmp_path / "logs" / "task" / "runs"
+    for i, name in enumerate(("2026-01-02_00-00-00", "2026-01-01_00-00-00")):
+        (runs / name / "checkpoints").mkdir(parents=True)
+        (runs / name / "checkpoints" / "last.ckpt").write_bytes(b"x")
+        os.utime(runs / name / "checkpoints" / "last.ckpt", (1e9 + i, 1e9 + i))
+    found = resolve_ckpt_path("last", str(tmp_path / "new"), str(runs))
+    assert found == str(runs / "2026-01-01_00-00-00" / "checkpoints" / "last.ckpt")  # written last
+    assert checkpoint_run_dir(found) == (runs / "2026-01-01_00-00-00").resolve()
+    assert checkpoint_run_dir(str(tmp_path / "elsewhere.ckpt")) is None
