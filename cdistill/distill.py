@@ -517,7 +517,24 @@ class ConceptDistillModule(ClassifierModule):
         if kind != "foreground":
             raise CdistillError(f"model.local.mask={kind!r}: use foreground or corners.")
         raw = images * self.input_std.view(1, -1, 1, 1) + self.input_mean.view(1, -1, 1, 1)
-        return foreground_mask(raw, float(cfg.get("threshold", 0.1)), float(cfg.get("fraction", 0.5)))
+        # Sampled with the module's generator (on the CPU), whose state checkpoints carry.
+        mask = foreground_mask(raw.cpu(), float(cfg.get("threshold", 0.1)), float(cfg.get("fraction", 0.5)), self.rng)
+        return mask.to(images.device)
+
+    def _logit_target(self, labels: Tensor, num_classes: int) -> tuple[Tensor, str]:
+        """``(labels, target)`` for :func:`logprob_gradient`. The ``random`` target (the logit
+        of a class drawn per sample) is the ``logit`` target at classes drawn from the module's
+        generator, whose state checkpoints carry (a resumed run draws the same classes).
+
+        Args:
+            labels: ``[B]`` true classes.
+            num_classes: Number of logits.
+        """
+        target = str(self.hparams.get("target", "logprob"))
+        if target != "random":
+            return labels, target
+        drawn = torch.randint(0, num_classes, labels.shape, generator=self.rng)
+        return drawn.to(labels.device), "logit"
 
     def compute_losses(self, batch: Batch) -> dict[str, Tensor]:
         """``loss`` and each active term (``task``, ``concept``, ``concept/<term>``,
@@ -548,7 +565,7 @@ class ConceptDistillModule(ClassifierModule):
                     )
                 grads = prototype_gradient(acts, self.prototypes.mean_center(y))
             else:
-                grads = logprob_gradient(acts, logits, y, str(hp.get("target", "logprob")))
+                grads = logprob_gradient(acts, logits, *self._logit_target(y, logits.shape[1]))
             if self.cav_mode == "position":
                 grads = position_gradients(grads, tuple(acts.shape[1:]))  # [B, H*W, C]
             lc, per_term = concept_loss(
@@ -567,6 +584,18 @@ class ConceptDistillModule(ClassifierModule):
             loss = loss + hp["lambda_l"] * out["local"]
         out["loss"] = loss
         return out
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # The artefacts are fitted once: a resumed run does not refit them, so it reports the
+        # figures of that fit (e.g. cav/acc_student) from the checkpoint.
+        checkpoint["cdistill"]["artefact_metrics"] = dict(self.artefact_metrics)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("cdistill", {}).get("artefact_metrics")
+        if saved is not None:
+            self.artefact_metrics = {str(k): float(v) for k, v in saved.items()}
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[B, num_classes]`` of the student, with the erasers applied."""

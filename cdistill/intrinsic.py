@@ -245,7 +245,9 @@ class IntrinsicModule(EvalSplitsModule):
         if target == "output":
             return 0.5 * pred.pow(2).sum()
         if target == "random":
-            return (torch.randn_like(pred) * pred).sum()
+            # From the module's generator, whose state checkpoints carry (exact resume).
+            u = torch.randn(pred.shape, generator=self.rng, dtype=pred.dtype).to(pred.device)
+            return (u * pred).sum()
         return per_sample_loss.sum()
 
     def compute_losses(self, batch: Batch) -> dict[str, Tensor]:

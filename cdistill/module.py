@@ -8,10 +8,12 @@ optimizer's ``_target_`` config), so checkpoints load with ``torch.load(weights_
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import hydra.utils
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -56,6 +58,33 @@ def to_plain(cfg: Any) -> Any:
     return cfg
 
 
+def rng_states() -> dict[str, Any]:
+    """The global RNG states (torch CPU and CUDA, numpy, python) as tensors and plain numbers,
+    so that a checkpoint holding them loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
+    }
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned (CUDA only when the device count matches)."""
+    torch.set_rng_state(states["torch"])
+    cuda = list(states.get("cuda") or [])
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    n = states["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
 class EvalSplitsModule(pl.LightningModule):
     """What every cdistill task module shares: named evaluation splits (adopted from the
     datamodule), the optimizer/scheduler from plain ``_target_`` configs, and checkpoints that
@@ -67,6 +96,14 @@ class EvalSplitsModule(pl.LightningModule):
     """
 
     run_config: str | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        # The objective's random draws (random targets, sampled masks) come from this CPU
+        # generator rather than the global RNG: its state is in every checkpoint, so a resumed
+        # run draws what the uninterrupted one drew. Seeded from the run's seed.
+        self.rng = torch.Generator().manual_seed(torch.initial_seed())
+        self._global_rng_to_restore: dict[str, Any] | None = None
 
     def _build_eval_metrics(self, names: Sequence[str]) -> None:
         raise NotImplementedError
@@ -156,10 +193,27 @@ class EvalSplitsModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Plain strings only: the checkpoint stays loadable with weights_only=True.
+        # Plain strings, numbers and tensors only: the checkpoint stays loadable with weights_only=True.
         import cdistill
 
-        checkpoint["cdistill"] = {"version": cdistill.__version__, "config": self.run_config}
+        checkpoint["cdistill"] = {
+            "version": cdistill.__version__, "config": self.run_config,
+            "rng": {"module": self.rng.get_state(), **rng_states()},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("cdistill", {}).get("rng")
+        if saved is None:  # written before RNG states were saved
+            return
+        self.rng.set_state(saved["module"])
+        # The global RNGs are restored when training starts, after the sanity check (which the
+        # uninterrupted run did not repeat at this point) has drawn from them.
+        self._global_rng_to_restore = saved
+
+    def on_train_start(self) -> None:
+        if self._global_rng_to_restore is not None:
+            set_rng_states(self._global_rng_to_restore)
+            self._global_rng_to_restore = None
 
 
 class ClassifierModule(EvalSplitsModule):

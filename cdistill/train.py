@@ -19,11 +19,12 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
 from cdistill.checkpoint_files import check_resume_checkpoint
+from cdistill.checkpointing import LastCheckpoint
 from cdistill.errors import CdistillError, exit_on_error
 from cdistill.resolvers import register_resolvers
 from cdistill.resources import conf_dir
@@ -56,11 +57,24 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
-    """Resolve the ``ckpt_path`` option ("last" -> this run's last.ckpt) and check it exists."""
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str, runs_dir: str | None = None) -> str | None:
+    """Resolve the ``ckpt_path`` option and check that the file exists.
+
+    Args:
+        ckpt_path: A checkpoint file, ``last`` (``<output_dir>/checkpoints/last.ckpt`` when it
+            exists, e.g. with ``hydra.run.dir`` set to the run's folder; else the most recently
+            written ``<runs_dir>/*/checkpoints/last.ckpt``, i.e. this task's latest run), or None.
+        output_dir: This run's directory.
+        runs_dir: Folder of this task's run directories (``<log_dir>/<task_name>/runs``).
+    """
     if not ckpt_path:
         return None
-    path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    path = Path(ckpt_path)
+    if ckpt_path == "last":
+        path = Path(output_dir) / "checkpoints" / "last.ckpt"
+        latest = sorted(Path(runs_dir).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime) if runs_dir else []
+        if not path.is_file() and latest:
+            path = latest[-1]
     if not path.is_file():
         raise CdistillError(
             f"Checkpoint to resume from {str(path)!r} does not exist. Fix ckpt_path=<file> "
@@ -80,6 +94,47 @@ def check_trainer_limits(trainer: Mapping[str, Any]) -> None:
             "trainer.max_epochs=-1 with no trainer.max_steps and no trainer.max_time trains forever. "
             "Set trainer.max_epochs=<N>, or keep -1 and add +trainer.max_time=DD:HH:MM:SS or +trainer.max_steps=<N>."
         )
+
+
+def checkpoint_run_dir(ckpt_path: str) -> Path | None:
+    """The run directory a checkpoint belongs to: the parent of the ``checkpoints`` folder that
+    holds it (``<run>/checkpoints/last.ckpt`` or ``<run>/checkpoints/<protocol>/best.ckpt``),
+    or None for a file elsewhere."""
+    for folder in Path(ckpt_path).resolve().parents[:2]:
+        if folder.name == "checkpoints":
+            return folder.parent
+    return None
+
+
+def resume_in_run_dir(cfg: DictConfig) -> str | None:
+    """Resolve ``cfg.ckpt_path``; when it lies in a run's ``checkpoints/``, continue that run.
+
+    Resume semantic: ``cfg.paths.output_dir`` becomes that run's directory, so the checkpoint
+    callbacks (``last.ckpt``, the monitored one, each protocol's selector) find their own
+    folders and keep their state (best epochs so far), files are overwritten rather than
+    versioned (no ``best-v1.ckpt``), and ``metrics.json``/``student.pt`` land beside the
+    checkpoints. Loggers add a new version folder there. This invocation's Hydra folder keeps
+    only its config and log. A checkpoint outside a run's ``checkpoints/`` resumes into this
+    run's directory, with the selectors starting afresh.
+
+    Returns:
+        The checkpoint path, or None to start afresh.
+    """
+    runs_dir = str(Path(cfg.paths.log_dir) / str(cfg.get("task_name", "train")) / "runs") if "log_dir" in cfg.paths else None
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir, runs_dir)
+    run_dir = checkpoint_run_dir(ckpt_path) if ckpt_path else None
+    if run_dir is not None and run_dir != Path(cfg.paths.output_dir).resolve():
+        log.info("resuming from %s: continuing in its run directory %s", ckpt_path, run_dir)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(run_dir)
+    return ckpt_path
+
+
+def last_checkpoint_last(callbacks: list[Any]) -> list[Any]:
+    """``callbacks`` with every :class:`LastCheckpoint` moved to the end (stable otherwise):
+    Lightning runs checkpoint callbacks in list order, and ``last.ckpt`` must store the other
+    callbacks' states (e.g. the protocol selectors') after they have seen the epoch."""
+    return sorted(callbacks, key=lambda cb: isinstance(cb, LastCheckpoint))
 
 
 def protocol_metric(name: str, spec: Any) -> tuple[str | None, str]:
@@ -293,6 +348,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training (and test) job described by ``cfg``; return the final metrics."""
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resume_in_run_dir(cfg) if cfg.get("train", True) else None
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     check_input_channels(model.student, datamodule.num_channels, cfg.model.student.name)
@@ -302,6 +358,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = instantiate_group(cfg.get("callbacks"))
     protocols: dict[str, Any] = dict(cfg.get("protocols") or {})
     selectors = protocol_checkpoints(protocols, cfg.paths.output_dir, callbacks) if cfg.get("train", True) else {}
+    callbacks = last_checkpoint_last(callbacks)
     loggers = instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
@@ -310,7 +367,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = cfg.paths.output_dir
     metrics: dict[str, float] = {}
     if cfg.get("train", True):
-        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
         if ckpt_path:
             check_resume_checkpoint(ckpt_path, model, cfg.model.student.get("name"))
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

@@ -95,7 +95,8 @@ def test_resume_matches_uninterrupted_run(make_cfg: MakeCfg, tmp_path: Path) -> 
     for key in ("val/acc", "val_reversed/loss", "test/acc", "test/loss"):
         assert resumed[key] == pytest.approx(full[key], abs=1e-6), key
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(tmp_path / "part2" / "checkpoints" / "last.ckpt", weights_only=True)
+    # Resuming continues in the checkpoint's run directory ("part"), not in "part2".
+    b = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 1
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
