@@ -101,7 +101,10 @@ def test_vit_teacher_features() -> None:
         (["model.teacher.name=timm:vit_tiny_patch16_224", "model.teacher.layer=blocks.1",
           "model.teacher.mean=[0.5,0.5,0.5]", "model.teacher.std=[0.5,0.5,0.5]",
           "+model.teacher.model_kwargs={img_size:28,patch_size:4,embed_dim:16,depth:2,num_heads:2,num_classes:0}",
-          "model.teacher.mapping.resize=true"], "vit"),
+          "model.teacher.mapping.resize=true",
+          # A random tiny ViT's mapped CAVs sit near the gate; with it the chroma term could keep
+          # fewer CAVs than its rank, which is a clear error since the rank check.
+          "model.concepts.min_accuracy=0.0"], "vit"),
     ],
 )
 def test_teacher_experiment_fast_dev_run(make_cfg: MakeCfg, overrides: list[str], kind: str) -> None:
