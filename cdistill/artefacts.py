@@ -1,7 +1,7 @@
 """Make fitted artefacts (CAV banks, index buffers) identical on every DDP rank.
 
 Artefacts are fitted on each rank at fit start; rank 0's values are then broadcast, so that
-every rank holds the same buffers bitwise (DESIGN.md section 6) even if fitting is not
+every rank holds the same buffers bitwise (docs/methods.md §7) even if fitting is not
 bitwise reproducible across processes.
 """
 

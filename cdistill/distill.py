@@ -1,6 +1,6 @@
 """ConceptDistillModule: task loss + concept loss + prototype loss + local loss.
 
-``L = L_task + λ_c Σ_t w_t L_c,t + λ_p L_p + λ_L L_local`` (DESIGN.md section 2.7); a term is
+``L = L_task + λ_c Σ_t w_t L_c,t + λ_p L_p + λ_L L_local`` (docs/methods.md §2.7); a term is
 computed only when its λ is > 0, and every term is logged (``train/task``, ``train/concept``,
 ``train/concept/<term>``, ``train/prototype``, ``train/local``).
 
@@ -9,7 +9,7 @@ it is when training starts — in the pipeline, the biased base model — unless
 already holds them. They are buffers: checkpoints carry them, ``.to(device)`` moves them, and
 under DDP rank 0's values are broadcast so every rank holds identical ones.
 
-With ``erasure`` set, linear concept erasers (DESIGN.md section 4) are fitted at the same time
+With ``erasure`` set, linear concept erasers (docs/methods.md §4) are fitted at the same time
 for the bias concept at the named layers and applied as forward hooks in every training and
 evaluation forward; ``lambda_c`` may be 0 for erasure alone.
 """
@@ -109,7 +109,7 @@ class ConceptDistillModule(ClassifierModule):
         teacher: ``None`` (CAVs fitted on the student's own activations) or the teacher stage's
             config (:mod:`cdistill.teacher_stage`: ``name``, ``layer``, ``pca_dims``, ``mapping``,
             ``cav_space`` ...): CAVs are fitted on the teacher's features of the concept images
-            mapped into the student's layer space (DESIGN.md section 2.5). The teacher is used
+            mapped into the student's layer space (docs/methods.md §2.5). The teacher is used
             once, before training, and is never a submodule (not trained, not in the optimizer,
             not wrapped by DDP, not in checkpoints).
         fit_batch_size: Batch size for computing activations when fitting artefacts.

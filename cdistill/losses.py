@@ -1,4 +1,4 @@
-"""Concept-distillation loss terms (DESIGN.md section 2.4 and 2.6), as pure functions.
+"""Concept-distillation loss terms (docs/methods.md §2.4 and §2.6), as pure functions.
 
 Notation: ``a`` the layer activation of a sample flattened to ``[d]``, ``v`` a unit CAV,
 ``Pbar_y`` the mean prototype of the sample's class.

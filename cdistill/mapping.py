@@ -1,6 +1,6 @@
 """Teacher-to-student feature mapping: one PCA, and the mapping autoencoder E_M / D_M.
 
-DESIGN.md section 2.5: teacher features ``t`` (optionally reduced by **one** PCA fitted over all
+docs/methods.md §2.5: teacher features ``t`` (optionally reduced by **one** PCA fitted over all
 concept sets together) are mapped into the student's layer space by ``E_M`` and back by
 ``D_M``, trained on concept images with ``L_map = MSE(D_M(E_M(t)), t) + MSE(E_M(t), a)``.
 CAVs are then fitted on ``E_M(t)``.

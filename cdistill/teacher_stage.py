@@ -1,6 +1,6 @@
 """The teacher stage of concept distillation: teacher features -> one PCA -> E_M -> student space.
 
-Runs once, before training (DESIGN.md section 2.5):
+Runs once, before training (docs/methods.md §2.5):
 
 1. the frozen teacher reads every concept image at its layer, with its own preprocessing
    (features cached on disk, keyed by the teacher's weights, layer, preprocessing and images);

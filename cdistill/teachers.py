@@ -1,6 +1,6 @@
 """Frozen teachers: any timm or torchvision model (or a cdistill one) read at a named layer.
 
-A :class:`Teacher` is only needed before training (DESIGN.md section 2.5): it turns concept
+A :class:`Teacher` is only needed before training (docs/methods.md §2.5): it turns concept
 images into feature maps, which the mapping autoencoder carries into the student's layer
 space. It is therefore never a submodule of the LightningModule: it is outside the
 optimizer, outside DDP and outside checkpoints by construction, and it is frozen (no

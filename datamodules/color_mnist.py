@@ -1,4 +1,4 @@
-"""ColorMNIST: the digit's colour is the spurious cue (DESIGN.md section 3)."""
+"""ColorMNIST: the digit's colour is the spurious cue (docs/methods.md §3)."""
 
 from __future__ import annotations
 

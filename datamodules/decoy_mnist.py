@@ -1,4 +1,4 @@
-"""DecoyMNIST: a grey corner patch whose shade encodes the class (DESIGN.md section 3).
+"""DecoyMNIST: a grey corner patch whose shade encodes the class (docs/methods.md §3).
 
 After Ross et al. (2017), "Right for the Right Reasons": a 5x5 patch in a random corner,
 grey level ``255 - 25y`` in training and ``25y`` at test.

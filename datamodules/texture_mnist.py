@@ -1,4 +1,4 @@
-"""TextureMNIST: the texture filling the digit is the spurious cue (DESIGN.md section 3)."""
+"""TextureMNIST: the texture filling the digit is the spurious cue (docs/methods.md §3)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class TextureMNISTDataModule(BiasedMNISTDataModule):
     """Digit foreground (grey level as alpha) filled with one of ten textures; 3 channels.
 
     * ``train``, ``val``: texture ``y`` (100% correlation).
-    * ``val_reversed``, ``test``: a uniformly random texture per image (DESIGN.md: test
+    * ``val_reversed``, ``test``: a uniformly random texture per image (docs/methods.md §3: test
       digits get random textures). ``val_reversed`` follows the test distribution so that
       the paper's reversed-bias model selection is possible; about 10% of its images are
       bias-aligned by chance.
