@@ -34,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from cdistill.errors import CdistillError
+from cdistill.glyphs import draw_glyphs
 from cdistill.resources import data_root, resolve_data_path
 
 log = logging.getLogger(__name__)
@@ -136,18 +137,32 @@ def _patch_images(n: int, size: int, gen: torch.Generator, params: Mapping[str, 
     return out
 
 
+def _glyph_images(n: int, size: int, gen: torch.Generator, params: Mapping[str, Any]) -> Tensor:
+    """Glyph ``params["glyph"]`` drawn over white strokes, away from their ink, as the
+    MarkerMNIST data draws it (:func:`cdistill.glyphs.draw_glyphs`): ``float [n, 3, H, W]``."""
+    if params.get("glyph") is None:
+        raise CdistillError("A concept set of kind glyph needs 'glyph' (its id, 0..9).")
+    strokes = (stroke_masks(n, size, gen) * 255).round().to(torch.uint8)
+    glyph = torch.full((n,), int(params["glyph"]), dtype=torch.int64)
+    img, _ = draw_glyphs(
+        strokes, glyph, gen, int(params.get("level", 255)), int(params.get("glyph_size", 5)), int(params.get("copies", 1))
+    )
+    return img.float().unsqueeze(1).expand(n, 3, size, size)
+
+
 def generate(kind: str, n: int, seed: int, name: str, *, size: int = 28, channels: int = 3, **params: Any) -> Tensor:
     """Generate ``n`` concept images deterministically.
 
     Args:
         kind: ``strokes``, ``blobs`` (shapes filled by ``fill``), ``patch`` (decoy patch),
-            ``noise`` (uniform noise).
+            ``glyph`` (a MarkerMNIST glyph over white strokes), ``noise`` (uniform noise).
         n: Number of images.
         seed: Spec seed; combined with ``name`` so every set has its own stream.
         name: Set name.
         size: Image side.
         channels: 3 (RGB) or 1 (grey: the mean of RGB).
-        **params: ``fill`` and its ``index``; ``grey`` for patches.
+        **params: ``fill`` and its ``index``; ``grey`` for patches; ``glyph`` (id 0..9),
+            ``level`` (grey, default 255), ``glyph_size`` (5) and ``copies`` (1) for glyphs.
 
     Returns:
         ``uint8 [n, channels, size, size]``.
@@ -162,8 +177,12 @@ def generate(kind: str, n: int, seed: int, name: str, *, size: int = 28, channel
         img = _patch_images(n, size, gen, params)
     elif kind == "noise":
         img = torch.rand(n, 3, size, size, generator=gen) * 255
+    elif kind == "glyph":
+        img = _glyph_images(n, size, gen, params)
     else:
-        raise CdistillError(f"Concept set {name!r}: unknown kind {kind!r}; use strokes, blobs, patch or noise.")
+        raise CdistillError(
+            f"Concept set {name!r}: unknown kind {kind!r}; use strokes, blobs, patch, glyph or noise."
+        )
     if channels == 1:
         img = img.mean(1, keepdim=True)
     elif channels != 3:

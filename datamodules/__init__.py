@@ -1,5 +1,5 @@
-"""LightningDataModules: the biased-MNIST benchmarks (ColorMNIST, DecoyMNIST, TextureMNIST) and
-the faces (BFFHQ read from disk, and its drawn offline proxy)."""
+"""LightningDataModules: the biased-MNIST benchmarks (ColorMNIST, DecoyMNIST, TextureMNIST,
+MarkerMNIST) and the faces (BFFHQ read from disk, and its drawn offline proxy)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from datamodules.color_mnist import PALETTE, ColorMNISTDataModule
 from datamodules.dataset import BiasedDigitsDataset
 from datamodules.decoy_mnist import DecoyMNISTDataModule
 from datamodules.faces_proxy import FacesProxyDataModule
+from datamodules.marker_mnist import MarkerMNISTDataModule
 from datamodules.sampler import EpochSeededSampler
 from datamodules.texture_mnist import TextureMNISTDataModule
 
@@ -22,6 +23,7 @@ DATAMODULES: dict[str, type[pl.LightningDataModule]] = {
     "color_mnist": ColorMNISTDataModule,
     "decoy_mnist": DecoyMNISTDataModule,
     "texture_mnist": TextureMNISTDataModule,
+    "marker_mnist": MarkerMNISTDataModule,
     "bffhq": BFFHQDataModule,
     "faces_proxy": FacesProxyDataModule,
 }
@@ -48,6 +50,7 @@ __all__ = [
     "DecoyMNISTDataModule",
     "EpochSeededSampler",
     "FacesProxyDataModule",
+    "MarkerMNISTDataModule",
     "TextureMNISTDataModule",
     "create_datamodule",
 ]

@@ -1,4 +1,5 @@
-"""Shared machinery of the biased-MNIST benchmarks (ColorMNIST, DecoyMNIST, TextureMNIST).
+"""Shared machinery of the biased-MNIST benchmarks (ColorMNIST, DecoyMNIST, TextureMNIST,
+MarkerMNIST).
 
 A subclass only says how to render one split (:meth:`BiasedMNISTDataModule.render`);
 this base class loads the digits, splits them, computes the normalisation statistics and
@@ -100,6 +101,10 @@ class BiasedMNISTDataModule(ChannelNormalization, pl.LightningDataModule):
         test_fraction: Fraction of each class for ``test`` (embedded source only).
         max_train_samples: Cap on the train split (a class-balanced-ish random subset),
             for fast tests; ``None`` keeps all.
+        unbiased: The oracle: the training cue is drawn uniformly at random per image,
+            independently of the label (``bias`` still records the class the cue points to).
+            ``val``, ``val_reversed`` and the test splits are unchanged, and every other
+            random choice (corners, positions) is the same as with ``False``.
     """
 
     name: str = "biased_mnist"
@@ -122,6 +127,7 @@ class BiasedMNISTDataModule(ChannelNormalization, pl.LightningDataModule):
         val_reversed_fraction: float = 0.1,
         test_fraction: float = 0.2,
         max_train_samples: int | None = None,
+        unbiased: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -144,6 +150,7 @@ class BiasedMNISTDataModule(ChannelNormalization, pl.LightningDataModule):
                 f"data.max_train_samples={max_train_samples} must be >= 1, or null for all."
             )
         self.max_train_samples = None if max_train_samples is None else int(max_train_samples)
+        self.unbiased = bool(unbiased)
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if int(value) < 1:
                 raise CdistillError(f"data.{key}={value} must be >= 1.")
@@ -168,6 +175,25 @@ class BiasedMNISTDataModule(ChannelNormalization, pl.LightningDataModule):
             generator: The only randomness allowed, seeded from ``(seed, split)``.
         """
         raise NotImplementedError
+
+    def cue_classes(self, split: str, labels: Tensor) -> Tensor:
+        """Class whose training cue each image of a bias-carrying split (``train``, ``val``) gets.
+
+        The label itself, except for ``train`` under ``unbiased``: then a uniform random class
+        per image, from a generator of its own so that the split's other random choices are
+        the same as in the biased data.
+
+        Args:
+            split: ``train`` or ``val``.
+            labels: ``int64 [N]`` classes.
+
+        Returns:
+            ``int64 [N]``.
+        """
+        if self.unbiased and split == "train":
+            gen = make_generator(self.seed, "unbiased", split)
+            return torch.randint(0, self.num_bias_groups, labels.shape, generator=gen)
+        return labels.clone()
 
     # ----------------------------------------------------------------- building
     @property

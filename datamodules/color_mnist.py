@@ -34,7 +34,8 @@ class ColorMNISTDataModule(BiasedMNISTDataModule):
 
     Splits and ``bias`` (the palette class the colour points to, -1 for none):
 
-    * ``train``, ``val``: colour ``PALETTE[y]`` (100% correlation); bias ``y``.
+    * ``train``, ``val``: colour ``PALETTE[y]`` (100% correlation); bias ``y``. With
+      ``unbiased`` the ``train`` colour is a uniformly random palette colour (the oracle).
     * ``val_reversed``, ``test``: ``PALETTE[9 - y]``; bias ``9 - y``.
     * ``test_random_color``: a uniformly random palette colour per digit; bias = its index.
     * ``test_pixel_hard``: a random palette colour per pixel; bias -1.
@@ -60,7 +61,7 @@ class ColorMNISTDataModule(BiasedMNISTDataModule):
         n = labels.numel()
         none = torch.full((n,), -1, dtype=torch.int64)
         if split in BIASED_SPLITS:
-            colour = labels.clone()
+            colour = self.cue_classes(split, labels)
         elif split in ("val_reversed", "test"):
             colour = 9 - labels
         elif split == "test_random_color":

@@ -41,7 +41,8 @@ def decoy_bias(grey: Tensor) -> Tensor:
 class DecoyMNISTDataModule(BiasedMNISTDataModule):
     """Grey digits (1 channel) with a 5x5 patch in a random corner.
 
-    * ``train``, ``val``: patch grey ``255 - 25y``.
+    * ``train``, ``val``: patch grey ``255 - 25y``; with ``unbiased`` the ``train`` patch
+      takes the training grey of a uniformly random class (the oracle).
     * ``val_reversed``, ``test``: patch grey ``25y``.
 
     ``bias`` is :func:`decoy_bias` of the patch grey; ``cue`` is the corner id (see
@@ -57,7 +58,7 @@ class DecoyMNISTDataModule(BiasedMNISTDataModule):
     ) -> Rendered:
         """See :meth:`BiasedMNISTDataModule.render`; returns ``uint8 [N, 1, 28, 28]``."""
         if split in BIASED_SPLITS:
-            grey = train_grey(labels)
+            grey = train_grey(self.cue_classes(split, labels))
         elif split in ("val_reversed", "test"):
             grey = 25 * labels
         else:

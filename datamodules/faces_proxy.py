@@ -244,6 +244,10 @@ class FacesProxyDataModule(BFFHQDataModule):
         n_train, n_valid, n_test, conflict_ratio, proxy_size, wrinkle_contrast, proxy_seed:
             The :class:`ProxySettings` (the data's own seed is ``proxy_seed``, fixed across
             training seeds as a real dataset is).
+        unbiased: The oracle: 50% of the training faces bias-conflicting (gender independent
+            of age) instead of ``conflict_ratio``. ``valid``/``test`` are the same faces as
+            in the biased proxy. Written to ``<root>_unbiased`` so that the biased proxy's
+            cache in ``root`` is not redrawn.
         **kwargs: :class:`BFFHQDataModule` arguments (``image_size``, ``seed``, batch sizes ...).
     """
 
@@ -259,6 +263,7 @@ class FacesProxyDataModule(BFFHQDataModule):
         proxy_size: int = 64,
         wrinkle_contrast: float = 0.9,
         proxy_seed: int = 0,
+        unbiased: bool = False,
         **kwargs: Any,
     ) -> None:
         for key, value in (("n_train", n_train), ("n_valid", n_valid), ("n_test", n_test)):
@@ -266,6 +271,10 @@ class FacesProxyDataModule(BFFHQDataModule):
                 raise CdistillError(f"data.{key}={value} must be >= 4.")
         if not 0.0 < float(conflict_ratio) < 1.0:
             raise CdistillError(f"data.conflict_ratio={conflict_ratio} must be in (0, 1).")
+        self.unbiased = bool(unbiased)
+        if self.unbiased:  # the oracle: the gender cue carries no information about age
+            conflict_ratio = 0.5
+            root = f"{str(root).rstrip('/')}_unbiased" if root else root
         self.settings = ProxySettings(int(n_train), int(n_valid), int(n_test), float(conflict_ratio),
                                       int(proxy_size), float(wrinkle_contrast), int(proxy_seed))
         kwargs.pop("pct", None)  # the folder name follows conflict_ratio

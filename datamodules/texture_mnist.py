@@ -14,7 +14,8 @@ from datamodules.textures import NUM_TEXTURES, make_textures
 class TextureMNISTDataModule(BiasedMNISTDataModule):
     """Digit foreground (grey level as alpha) filled with one of ten textures; 3 channels.
 
-    * ``train``, ``val``: texture ``y`` (100% correlation).
+    * ``train``, ``val``: texture ``y`` (100% correlation); with ``unbiased`` the ``train``
+      texture is uniformly random (the oracle).
     * ``val_reversed``, ``test``: a uniformly random texture per image (docs/methods.md §3: test
       digits get random textures). ``val_reversed`` follows the test distribution so that
       the paper's reversed-bias model selection is possible; about 10% of its images are
@@ -32,7 +33,7 @@ class TextureMNISTDataModule(BiasedMNISTDataModule):
     ) -> Rendered:
         """See :meth:`BiasedMNISTDataModule.render`; returns ``uint8 [N, 3, 28, 28]``."""
         if split in BIASED_SPLITS:
-            texture = labels.clone()
+            texture = self.cue_classes(split, labels)
         elif split in ("val_reversed", "test"):
             texture = torch.randint(0, NUM_TEXTURES, (labels.numel(),), generator=generator)
         else:

@@ -13,7 +13,7 @@ from cdistill.errors import CdistillError
 SPECS = Path(__file__).resolve().parents[1] / "concepts"
 
 
-@pytest.mark.parametrize("bench", ["color_mnist", "decoy_mnist", "texture_mnist"])
+@pytest.mark.parametrize("bench", ["color_mnist", "decoy_mnist", "texture_mnist", "marker_mnist"])
 def test_shipped_specs_generate_deterministically(bench: str) -> None:
     a = load_spec(SPECS / f"{bench}.yaml")
     b = load_spec(f"concepts/{bench}.yaml")  # relative names resolve against the project
