@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from cdistill.capture import capture, collect_activations, parse_layer, resolve_module
 from cdistill.errors import CdistillError
+from cdistill.utils.capture import capture, collect_activations, parse_layer, resolve_module
 
 
 def small_cnn() -> Any:  # an nn.Sequential; Any lets tests reach its named children

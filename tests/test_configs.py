@@ -10,7 +10,7 @@ import pytest
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from cdistill.train import instantiate_group
+from cdistill.cli.train import instantiate_group
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MakeCfg = Callable[..., DictConfig]
@@ -101,6 +101,6 @@ def test_experiment_options_compose(make_cfg: MakeCfg, name: str) -> None:
         return
     model = hydra.utils.instantiate(cfg.model)
     dm = hydra.utils.instantiate(cfg.data)
-    from cdistill.students import check_input_channels
+    from cdistill.models.students import check_input_channels
 
     check_input_channels(model.student, dm.num_channels)

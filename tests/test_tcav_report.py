@@ -7,8 +7,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from cdistill.module import ClassifierModule
-from cdistill.tcav_report import TCAVCallback, plot_tcav, summary, tcav_table
+from cdistill.cli.tcav_report import TCAVCallback, plot_tcav, summary, tcav_table
+from cdistill.tasks.classifier import ClassifierModule
 from datamodules import ColorMNISTDataModule
 
 

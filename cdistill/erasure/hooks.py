@@ -28,12 +28,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from cdistill.capture import resolve_module
 from cdistill.erasure.base import LowRankEraser
 from cdistill.erasure.factory import METHODS, fit_eraser
 from cdistill.erasure.leace import LeaceFitter
 from cdistill.erasure.probe import fit_logistic, majority_rate
 from cdistill.errors import CdistillError, unknown_name
+from cdistill.utils.capture import resolve_module
 
 MODES = ("position", "flatten", "token")
 Batch = Mapping[str, Tensor]
@@ -44,7 +44,7 @@ class ErasureSpec:
     """How to erase a concept at one layer.
 
     Attributes:
-        layer: Module path (see :func:`cdistill.capture.resolve_module`).
+        layer: Module path (see :func:`cdistill.utils.capture.resolve_module`).
         mode: ``position``, ``flatten`` or ``token`` (see the module docstring).
         method: Any :data:`cdistill.erasure.METHODS` name (``leace`` by default).
         concept: Batch key of the integer concept ids ``[B]`` (``bias``: the class the

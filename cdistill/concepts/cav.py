@@ -53,8 +53,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cdistill.buffers import FittedBuffers
 from cdistill.errors import CdistillError, NonFiniteError, unknown_name
+from cdistill.utils.buffers import FittedBuffers
 
 MIN_ACCURACY = 0.7  # held-out accuracy gate used in the Concept Distillation paper
 SCALINGS = ("global", "feature", "none")

@@ -23,8 +23,8 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from cdistill.errors import CdistillError, NonFiniteError
-from cdistill.metrics import BiasGroupAccuracy
-from cdistill.students import create_student
+from cdistill.models.students import create_student
+from cdistill.tasks.metrics import BiasGroupAccuracy
 
 Batch = Mapping[str, torch.Tensor]
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ class ClassifierModule(EvalSplitsModule):
     ``<split>/acc_bias<k>``.
 
     Args:
-        student: Keyword arguments of :func:`cdistill.students.create_student` (``name`` ...).
+        student: Keyword arguments of :func:`cdistill.models.students.create_student` (``name`` ...).
         optimizer: Hydra-style config with ``_target_`` (e.g. ``torch.optim.Adam``) and kwargs;
             ``params`` is filled in.
         scheduler: Optional Hydra-style LR scheduler config; ``optimizer`` is filled in.

@@ -15,8 +15,8 @@ import torch.distributed as dist
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from cdistill.buffers import FittedBuffers
 from cdistill.errors import CdistillError
+from cdistill.utils.buffers import FittedBuffers
 
 
 def _sq_dists(x: Tensor, centers: Tensor) -> Tensor:

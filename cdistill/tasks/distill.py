@@ -27,10 +27,8 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from cdistill.artefacts import broadcast_bank, broadcast_buffers
-from cdistill.capture import capture, collect_activations, resolve_module
-from cdistill.cav import CAVBank, fit_cav, position_rows
 from cdistill.concepts import load_spec, preprocess
+from cdistill.concepts.cav import CAVBank, fit_cav, position_rows
 from cdistill.erasure import LeaceFitter, LowRankEraser
 from cdistill.erasure.hooks import (
     ErasureSpec,
@@ -41,8 +39,8 @@ from cdistill.erasure.hooks import (
     specs_from_config,
 )
 from cdistill.errors import CdistillError
-from cdistill.feature_cache import cached_tensors, fingerprint
-from cdistill.losses import (
+from cdistill.models.students import first_conv
+from cdistill.objective.losses import (
     CAV_MODES,
     DIRECTIONS,
     LOGIT_TARGETS,
@@ -56,10 +54,12 @@ from cdistill.losses import (
     position_gradients,
     prototype_gradient,
 )
-from cdistill.module import Batch, ClassifierModule, to_plain
-from cdistill.prototypes import PrototypeFitter, Prototypes
-from cdistill.students import first_conv
-from cdistill.teacher_stage import check_teacher_config, map_concept_sets
+from cdistill.objective.prototypes import PrototypeFitter, Prototypes
+from cdistill.tasks.classifier import Batch, ClassifierModule, to_plain
+from cdistill.teacher.feature_cache import cached_tensors, fingerprint
+from cdistill.teacher.stage import check_teacher_config, map_concept_sets
+from cdistill.utils.artefacts import broadcast_bank, broadcast_buffers
+from cdistill.utils.capture import capture, collect_activations, resolve_module
 
 log = logging.getLogger(__name__)
 FORMS = ("prototype", "logit")
@@ -81,7 +81,7 @@ class ConceptDistillModule(ClassifierModule):
             (``∇_a log p(y|x)`` by one batched double backward).
         target: Scalar the logit form differentiates: ``logprob`` (``log p(y|x)``, default),
             ``logit`` (``z_y``), ``margin`` (``z_y - logsumexp_{k≠y} z_k``) or ``random``
-            (``z_k``, ``k`` uniform per sample); see :func:`cdistill.losses.logit_target`.
+            (``z_k``, ``k`` uniform per sample); see :func:`cdistill.objective.losses.logit_target`.
         lambda_c: Weight of the concept loss (0: off).
         lambda_p: Weight of the prototype loss ``Σ_j ||a - P_yj||² / d`` (0: off).
         lambda_l: Weight of the local input-gradient loss (0: off).
@@ -94,7 +94,7 @@ class ConceptDistillModule(ClassifierModule):
             CAVs), ``ema``, and ``cav_mode``: ``flatten`` (default; one CAV on the flattened
             map, ``d = C·H·W``) or ``position`` (for conv maps: one CAV in the ``C``-dim channel
             space, fitted on the positions where concept images have content, see
-            :func:`cdistill.cav.position_rows`, with ``position_threshold`` and ``max_rows``;
+            :func:`cdistill.concepts.cav.position_rows`, with ``position_threshold`` and ``max_rows``;
             the loss is the cosine at each position, averaged with ``position_weight``
             ``norm`` (weights = gradient norms) or ``uniform``).
         prototypes: ``k`` (K-means centres per class; 1 = class mean),
@@ -107,7 +107,7 @@ class ConceptDistillModule(ClassifierModule):
             ``bias``), ``positive`` (ClArC), ``options``, ``refit_every_n_steps`` and
             ``refit_every_n_epochs`` (0 and 0: fitted once on the base model). ``None``: no erasure.
         teacher: ``None`` (CAVs fitted on the student's own activations) or the teacher stage's
-            config (:mod:`cdistill.teacher_stage`: ``name``, ``layer``, ``pca_dims``, ``mapping``,
+            config (:mod:`cdistill.teacher.stage`: ``name``, ``layer``, ``pca_dims``, ``mapping``,
             ``cav_space`` ...): CAVs are fitted on the teacher's features of the concept images
             mapped into the student's layer space (docs/methods.md §2.5). The teacher is used
             once, before training, and is never a submodule (not trained, not in the optimizer,
@@ -241,8 +241,8 @@ class ConceptDistillModule(ClassifierModule):
         Returns:
             ``(images, maps)``: set name -> ``uint8 [N, C, H, W]``, and set name -> activations
             ``[N, *shape]`` (not flattened). In ``position`` mode both also hold a blank image
-            under :data:`BLANK` (the reference for :func:`cdistill.cav.position_rows`). With a
-            teacher the activations are cached on disk (see :mod:`cdistill.feature_cache`).
+            under :data:`BLANK` (the reference for :func:`cdistill.concepts.cav.position_rows`). With a
+            teacher the activations are cached on disk (see :mod:`cdistill.teacher.feature_cache`).
         """
         spec = self.hparams["concepts"].get("spec")
         if not spec:
@@ -341,7 +341,7 @@ class ConceptDistillModule(ClassifierModule):
 
     def check_subspaces(self) -> None:
         """Check every subspace term's rank against the span of its fitted CAVs (see
-        :func:`cdistill.losses.check_subspace_rank`)."""
+        :func:`cdistill.objective.losses.check_subspace_rank`)."""
         for t, term in enumerate(self.terms):
             rows = self.cav_index[t][self.cav_index[t] >= 0].unique()
             if bool(self.subspace[t]) and len(rows):

@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cdistill.capture import collect_activations, resolve_module
 from cdistill.errors import CdistillError
-from cdistill.students import create_student, load_weights
+from cdistill.models.students import create_student, load_weights
+from cdistill.utils.capture import collect_activations, resolve_module
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TeacherFactory = Callable[..., nn.Module]
-#: cdistill's own teachers (``cdistill:<name>``); see :mod:`cdistill.offline_teacher`.
+#: cdistill's own teachers (``cdistill:<name>``); see :mod:`cdistill.teacher.offline`.
 _TEACHERS: dict[str, TeacherFactory] = {}
 
 
@@ -217,7 +217,7 @@ def create_teacher(
     if name.startswith("cdistill:"):
         short = name.split(":", 1)[1]
         if short not in _TEACHERS:
-            import cdistill.offline_teacher  # noqa: F401  (registers the shipped teachers)
+            import cdistill.teacher.offline  # noqa: F401  (registers the shipped teachers)
         if short not in _TEACHERS:
             raise CdistillError(f"Unknown teacher {name!r}; cdistill teachers: {sorted(_TEACHERS)}. Fix model.teacher.name.")
         if pretrained:

@@ -37,7 +37,7 @@ def launch_dir() -> str:
 
 
 def register_resolvers() -> None:
-    """Register the resolvers once (importing :mod:`cdistill.train` does it)."""
+    """Register the resolvers once (importing :mod:`cdistill.cli.train` does it)."""
     for name, fn in (("cdistill.run_suffix", run_suffix), ("cdistill.launch_dir", launch_dir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -11,8 +11,8 @@ The folder is capped: :func:`cached_tensors` with ``max_bytes`` (the teacher sta
 ``model.teacher.cache_max_bytes``, default :data:`DEFAULT_MAX_BYTES`) evicts the least
 recently used feature files and logs the folder's size. From a shell::
 
-    python -m cdistill.feature_cache .cache/cdistill --report
-    python -m cdistill.feature_cache .cache/cdistill --evict --max-bytes 500M
+    python -m cdistill.teacher.feature_cache .cache/cdistill --report
+    python -m cdistill.teacher.feature_cache .cache/cdistill --evict --max-bytes 500M
 """
 
 from __future__ import annotations
@@ -243,9 +243,9 @@ def _parse_bytes(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cdistill.feature_cache [FOLDER] [--report] [--evict --max-bytes 2G]``."""
+    """``python -m cdistill.teacher.feature_cache [FOLDER] [--report] [--evict --max-bytes 2G]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m cdistill.feature_cache",
+        prog="python -m cdistill.teacher.feature_cache",
         description="Report the size of a feature cache folder, or evict its least recently used files.",
     )
     parser.add_argument("folder", nargs="?", default=".cache/cdistill", help="the cache folder (paths.cache_dir)")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cdistill.errors import CdistillError
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the cdistill package (this file is in utils/)
 #: Installed from a wheel: the copies shipped inside the package.
 SHIPPED_ROOT = PACKAGE_DIR / "_data"
 #: A checkout: the repository root, which holds ``cdistill/``, ``conf/`` and ``concepts/``.

@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cdistill.concepts import blob_masks, stroke_masks
-from cdistill.teachers import register_teacher
+from cdistill.concepts.palette import PALETTE
+from cdistill.concepts.sets import blob_masks, stroke_masks
+from cdistill.concepts.textures import make_textures
+from cdistill.teacher.teachers import register_teacher
 from cdistill.utils import build_file
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ class DigitsAutoencoder(nn.Module):
     (``[64, 4, 4]``); ``decoder`` upsamples back to ``[3, 28, 28]``.
     """
 
-    #: Input normalisation of this teacher (used by :func:`cdistill.teachers.create_teacher`).
+    #: Input normalisation of this teacher (used by :func:`cdistill.teacher.teachers.create_teacher`).
     preprocessing: ClassVar[dict[str, Any]] = {"image_size": 28, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
     def __init__(self, width: int = 32) -> None:
@@ -79,9 +81,6 @@ def bias_free_images(n: int, seed: int) -> Tensor:
     Returns:
         ``uint8 [n, 3, 28, 28]``.
     """
-    from datamodules.color_mnist import PALETTE
-    from datamodules.textures import make_textures
-
     gen = torch.Generator().manual_seed(seed)
     half = n // 2
     mask = torch.cat([stroke_masks(half, 28, gen), blob_masks(n - half, 28, gen)]).unsqueeze(1)  # [n, 1, 28, 28]

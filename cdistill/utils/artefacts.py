@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cdistill.cav import CAVBank
+from cdistill.concepts.cav import CAVBank
 
 
 def broadcast_buffers(trainer: Any, owners: Iterable[tuple[nn.Module, str]], device: torch.device) -> None:

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cdistill.cli.tcav_report import summary, tcav_table
+from cdistill.cli.train import CONF_DIR, STUDENT_FILE, instantiate, instantiate_group, train
 from cdistill.errors import CdistillError, exit_on_error
-from cdistill.students import create_student
-from cdistill.tcav_report import summary, tcav_table
-from cdistill.train import CONF_DIR, STUDENT_FILE, instantiate, instantiate_group, train
+from cdistill.models.students import create_student
 
 log = logging.getLogger(__name__)
 BASE_KEYS = ("student", "optimizer", "scheduler", "num_classes", "num_bias_groups")
@@ -42,7 +42,7 @@ def base_config(cfg: DictConfig, out: Path) -> DictConfig:
     base = cfg.copy()
     with open_dict(base):
         base.model = OmegaConf.create(
-            {"_target_": "cdistill.module.ClassifierModule", "_recursive_": False}
+            {"_target_": "cdistill.tasks.classifier.ClassifierModule", "_recursive_": False}
             | {k: cfg.model[k] for k in BASE_KEYS if k in cfg.model}
         )
         base.model.student.checkpoint_path = None

@@ -23,12 +23,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
-from cdistill.checkpoint_files import check_resume_checkpoint
-from cdistill.checkpointing import LastCheckpoint
 from cdistill.errors import CdistillError, exit_on_error
-from cdistill.resolvers import register_resolvers
-from cdistill.resources import conf_dir
-from cdistill.students import check_input_channels
+from cdistill.models.students import check_input_channels
+from cdistill.utils.checkpoint_files import check_resume_checkpoint
+from cdistill.utils.checkpointing import LastCheckpoint
+from cdistill.utils.resolvers import register_resolvers
+from cdistill.utils.resources import conf_dir
 
 log = logging.getLogger(__name__)
 register_resolvers()  # ${cdistill.run_suffix:} and ${cdistill.launch_dir:} in conf/hydra, conf/paths

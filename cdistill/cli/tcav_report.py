@@ -21,10 +21,10 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from cdistill.capture import collect_activations
 from cdistill.concepts import load_spec, preprocess
+from cdistill.concepts.tcav import benjamini_hochberg, holm, run_tcav
 from cdistill.errors import CdistillError
-from cdistill.tcav import benjamini_hochberg, holm, run_tcav
+from cdistill.utils.capture import collect_activations
 
 
 @dataclass

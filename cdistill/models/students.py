@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cdistill.checkpoint_files import load_torch_file
 from cdistill.errors import CdistillError, unknown_name
+from cdistill.utils.checkpoint_files import load_torch_file
 
 StudentFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, StudentFactory] = {}

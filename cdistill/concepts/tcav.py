@@ -25,9 +25,9 @@ import torch
 from scipy import stats
 from torch import Tensor, nn
 
-from cdistill.capture import capture
-from cdistill.cav import CAVResult, fit_cav, gate_cavs
+from cdistill.concepts.cav import CAVResult, fit_cav, gate_cavs
 from cdistill.errors import CdistillError, unknown_name
+from cdistill.utils.capture import capture
 
 TargetFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 TARGETS = ("logprob", "logit")
@@ -84,7 +84,7 @@ def target_gradients(
 
     Args:
         model: The model (frozen or not; its parameters get no gradients).
-        layer: Layer spec (see :func:`cdistill.capture.capture`).
+        layer: Layer spec (see :func:`cdistill.utils.capture.capture`).
         inputs: Inputs ``[B, ...]`` (moved to the model's device).
         labels: Class per input ``[B]``, or one class for all (an int).
         target: ``"logprob"`` (log-probability of the label), ``"logit"`` (its logit), or

@@ -8,12 +8,12 @@ Runs once, before training (docs/methods.md §2.5):
 3. the mapping autoencoder is trained on (teacher features, student activations) pairs of all
    concept images;
 4. every set's teacher features are mapped into the student's layer space by ``E_M``, where
-   :class:`cdistill.distill.ConceptDistillModule` fits its CAVs.
+   :class:`cdistill.tasks.distill.ConceptDistillModule` fits its CAVs.
 
 Config (``model.teacher``): ``name``, ``layer``, ``checkpoint_path``, ``pretrained``,
 ``image_size``, ``mean``, ``std``, ``in_chans``, ``resize``, ``prefix_tokens``,
 ``model_kwargs``, ``train`` (settings of the offline ``cdistill:digits_ae`` teacher, trained when
-no checkpoint is given), ``pca_dims``, ``mapping`` (:func:`cdistill.mapping.fit_mapping`
+no checkpoint is given), ``pca_dims``, ``mapping`` (:func:`cdistill.teacher.mapping.fit_mapping`
 arguments), ``cav_space`` (``teacher`` or ``student``), ``cache_dir``, ``cache_max_bytes``
 (cap of the feature files in ``cache_dir``, least recently used evicted first; null: no cap).
 """
@@ -29,9 +29,9 @@ import torch
 from torch import Tensor
 
 from cdistill.errors import CdistillError
-from cdistill.feature_cache import DEFAULT_MAX_BYTES, cached_tensors, fingerprint
-from cdistill.mapping import PCA, MappingFit, fit_mapping, fit_pca
-from cdistill.teachers import Teacher, create_teacher
+from cdistill.teacher.feature_cache import DEFAULT_MAX_BYTES, cached_tensors, fingerprint
+from cdistill.teacher.mapping import PCA, MappingFit, fit_mapping, fit_pca
+from cdistill.teacher.teachers import Teacher, create_teacher
 
 CAV_SPACES = ("teacher", "student")
 _TEACHER_KEYS = ("checkpoint_path", "pretrained", "image_size", "mean", "std", "in_chans", "resize",
@@ -64,7 +64,7 @@ def teacher_from_config(cfg: Mapping[str, Any]) -> Teacher:
     check_teacher_config(cfg)
     kw = {k: cfg[k] for k in _TEACHER_KEYS if cfg.get(k) is not None}
     if cfg["name"] == "cdistill:digits_ae" and not cfg.get("checkpoint_path"):
-        from cdistill.offline_teacher import ensure_digits_ae
+        from cdistill.teacher.offline import ensure_digits_ae
 
         if not cfg.get("cache_dir"):
             raise CdistillError("The offline teacher needs model.teacher.cache_dir (where its trained weights are kept).")

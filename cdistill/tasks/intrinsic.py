@@ -10,7 +10,7 @@ ground truth needed), and ``random`` uses ``∇_a <u, branch output>`` for a fre
 image ``u`` per sample and step: ``J^T u`` for the branch Jacobian ``J``, whose cosine with
 ``v`` is small on average over ``u`` only when ``J v`` is small, i.e. when the branch *output*
 does not move along the concept (the analogue of the ``random`` logit target of
-:class:`~cdistill.distill.ConceptDistillModule`; the loss gradient vanishes at a good fit
+:class:`~cdistill.tasks.distill.ConceptDistillModule`; the loss gradient vanishes at a good fit
 and then carries little signal). It is one batched double backward (the net has no batch norm, so
 the gradient of the batch sum is every sample's own gradient). A desensitize term
 penalises ``|cos(g, v)|``: moving the activation along the concept direction ``v`` should
@@ -20,7 +20,7 @@ CAVs come from concept pairs rendered from the same geometry (see
 :func:`datamodules.intrinsic_synth.concept_pairs`): at the term's layer, the activation
 differences ``a(after) - a(before)`` of one set (e.g. ``illumination``: the light moves away
 from the training lights) are separated from those of the other (``material``: only the
-albedo changes) with :func:`cdistill.cav.fit_cav`. The ``R`` term makes the reflectance
+albedo changes) with :func:`cdistill.concepts.cav.fit_cav`. The ``R`` term makes the reflectance
 branch insensitive to illumination change; the optional ``S`` term makes the shading branch
 insensitive to material change. CAVs are fitted on the model as it is when training starts
 (unless a checkpoint holds them), kept as buffers, and broadcast from rank 0 under DDP.
@@ -38,14 +38,14 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.image import StructuralSimilarityIndexMeasure
 
-from cdistill.artefacts import broadcast_bank, broadcast_buffers
-from cdistill.capture import capture, collect_activations, resolve_module
-from cdistill.cav import CAVBank, fit_cav
+from cdistill.concepts.cav import CAVBank, fit_cav
 from cdistill.errors import CdistillError
-from cdistill.iid_metrics import lmse, ls_scale, si_mse
-from cdistill.iid_net import create_iid_net
-from cdistill.losses import CAV_MODES, DIRECTIONS, concept_loss, position_gradients
-from cdistill.module import EvalSplitsModule, to_plain
+from cdistill.models.iid_net import create_iid_net
+from cdistill.objective.losses import CAV_MODES, DIRECTIONS, concept_loss, position_gradients
+from cdistill.tasks.classifier import EvalSplitsModule, to_plain
+from cdistill.tasks.iid_metrics import lmse, ls_scale, si_mse
+from cdistill.utils.artefacts import broadcast_bank, broadcast_buffers
+from cdistill.utils.capture import capture, collect_activations, resolve_module
 
 log = logging.getLogger(__name__)
 Batch = Mapping[str, Tensor]
@@ -62,7 +62,7 @@ class IntrinsicModule(EvalSplitsModule):
     """Predict reflectance and shading; see the module docstring.
 
     Args:
-        student: Keyword arguments of :func:`cdistill.iid_net.create_iid_net` (``name``,
+        student: Keyword arguments of :func:`cdistill.models.iid_net.create_iid_net` (``name``,
             ``in_chans``, ``width``).
         optimizer: Hydra-style optimizer config (``_target_`` and kwargs).
         scheduler: Optional Hydra-style LR scheduler config (``interval`` key optional).
@@ -82,7 +82,7 @@ class IntrinsicModule(EvalSplitsModule):
             the flattened map) or ``position`` (one CAV in the ``C``-dim channel space, fitted
             on the per-position channel vectors of the differences, at most ``max_rows`` rows;
             the loss is the gradient-norm-weighted cosine at every position, see
-            :func:`cdistill.losses.concept_loss`).
+            :func:`cdistill.objective.losses.concept_loss`).
         lmse_window: LMSE window side (the MIT protocol's 20 suits ~250 px images).
         fit_batch_size: Batch size for collecting activations.
         val_names, test_names: Evaluation split names (the datamodule's win when it has them).
