@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cdistill.errors import unknown_name
+from cdistill.utils.registry import Registry
 
 
 def block(cin: int, cout: int) -> nn.Sequential:
@@ -74,7 +74,8 @@ class IIDUNet(nn.Module):
         return self.r_dec(feats), self.s_dec(feats)
 
 
-NETS = {"iid_unet": IIDUNet}
+NETS: Registry[type[IIDUNet]] = Registry("IID network", "Set model.student.name to one of them.")
+NETS.register("iid_unet")(IIDUNet)
 
 
 def create_iid_net(name: str = "iid_unet", **kwargs: int) -> IIDUNet:
@@ -83,6 +84,4 @@ def create_iid_net(name: str = "iid_unet", **kwargs: int) -> IIDUNet:
     Raises:
         CdistillError: Unknown name (valid names listed).
     """
-    if name not in NETS:
-        raise unknown_name("IID network", name, NETS, "Set model.student.name to one of them.")
-    return NETS[name](**kwargs)
+    return NETS.get(name)(**kwargs)

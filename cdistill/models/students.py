@@ -16,26 +16,12 @@ from torch import nn
 
 from cdistill.errors import CdistillError, unknown_name
 from cdistill.utils.checkpoint_files import load_torch_file
+from cdistill.utils.registry import Registry
 
 StudentFactory = Callable[..., nn.Module]
-_REGISTRY: dict[str, StudentFactory] = {}
-
-
-def register_student(name: str) -> Callable[[StudentFactory], StudentFactory]:
-    """Decorator that makes a factory available to :func:`create_student` under ``name``."""
-
-    def wrap(fn: StudentFactory) -> StudentFactory:
-        if name in _REGISTRY:
-            raise CdistillError(f"Student {name!r} is registered twice.")
-        _REGISTRY[name] = fn
-        return fn
-
-    return wrap
-
-
-def list_students() -> list[str]:
-    """Names registered in cdistill itself (timm and torchvision names come on top)."""
-    return sorted(_REGISTRY)
+#: cdistill's own students (timm and torchvision names come on top, see :func:`create_student`).
+STUDENTS: Registry[StudentFactory] = Registry("student", "Set model.student.name to a registered name.")
+register_student = STUDENTS.register
 
 
 class MnistCNN(nn.Module):
@@ -238,14 +224,14 @@ def create_student(
     Returns:
         The model, in train mode, on CPU.
     """
-    if name in _REGISTRY:
+    if name in STUDENTS:
         if pretrained:
             raise CdistillError(
                 f"Student {name!r} has no pretrained weights; use model.student.checkpoint_path."
             )
         if in_chans is not None:
             kwargs["in_chans"] = in_chans
-        model = _REGISTRY[name](num_classes=num_classes, **kwargs)
+        model = STUDENTS.get(name)(num_classes=num_classes, **kwargs)
     elif name.startswith("torchvision:"):
         model = _torchvision_student(
             name.split(":", 1)[1], num_classes, in_chans or 3, pretrained, **kwargs
@@ -258,7 +244,7 @@ def create_student(
             raise unknown_name(
                 "student model",
                 name,
-                [*_REGISTRY, *timm.list_models()],
+                [*STUDENTS, *timm.list_models()],
                 "Set model.student.name to a registered name, timm:<model> or torchvision:<model>.",
             )
         model = _timm_student(timm_name, num_classes, in_chans or 3, pretrained, **kwargs)

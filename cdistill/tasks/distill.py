@@ -17,7 +17,7 @@ evaluation forward; ``lambda_c`` may be 0 for erasure alone.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -628,7 +628,3 @@ class ConceptDistillModule(ClassifierModule):
             out[f"test/bias_probe_acc_unerased{suffix}"] = before["acc"]
             out[f"test/bias_probe_chance{suffix}"] = after["chance"]
         return out
-
-    def extra_terms(self) -> Sequence[str]:
-        """Names of the concept terms, in order."""
-        return [term_name(t) for t in self.terms]

@@ -31,6 +31,7 @@ from torch import Tensor
 from cdistill.errors import CdistillError
 from cdistill.teacher.feature_cache import DEFAULT_MAX_BYTES, cached_tensors, fingerprint
 from cdistill.teacher.mapping import PCA, MappingFit, fit_mapping, fit_pca
+from cdistill.teacher.offline import ensure_digits_ae
 from cdistill.teacher.teachers import Teacher, create_teacher
 
 CAV_SPACES = ("teacher", "student")
@@ -64,8 +65,6 @@ def teacher_from_config(cfg: Mapping[str, Any]) -> Teacher:
     check_teacher_config(cfg)
     kw = {k: cfg[k] for k in _TEACHER_KEYS if cfg.get(k) is not None}
     if cfg["name"] == "cdistill:digits_ae" and not cfg.get("checkpoint_path"):
-        from cdistill.teacher.offline import ensure_digits_ae
-
         if not cfg.get("cache_dir"):
             raise CdistillError("The offline teacher needs model.teacher.cache_dir (where its trained weights are kept).")
         kw["checkpoint_path"] = str(ensure_digits_ae(cfg["cache_dir"], cfg.get("train") or {}))

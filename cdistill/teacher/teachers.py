@@ -24,22 +24,15 @@ from torch import Tensor, nn
 from cdistill.errors import CdistillError
 from cdistill.models.students import create_student, load_weights
 from cdistill.utils.capture import collect_activations, resolve_module
+from cdistill.utils.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TeacherFactory = Callable[..., nn.Module]
-#: cdistill's own teachers (``cdistill:<name>``); see :mod:`cdistill.teacher.offline`.
-_TEACHERS: dict[str, TeacherFactory] = {}
-
-
-def register_teacher(name: str) -> Callable[[TeacherFactory], TeacherFactory]:
-    """Decorator: make a factory available as teacher ``cdistill:<name>``."""
-
-    def wrap(fn: TeacherFactory) -> TeacherFactory:
-        _TEACHERS[name] = fn
-        return fn
-
-    return wrap
+#: cdistill's own teachers (``cdistill:<name>``), registered when :mod:`cdistill.teacher` is
+#: imported (it imports :mod:`cdistill.teacher.offline`).
+TEACHERS: Registry[TeacherFactory] = Registry("teacher", "Fix model.teacher.name.")
+register_teacher = TEACHERS.register
 
 
 def tokens_to_grid(tokens: Tensor, prefix: int | None = None) -> Tensor:
@@ -216,13 +209,11 @@ def create_teacher(
     kw = dict(model_kwargs or {})
     if name.startswith("cdistill:"):
         short = name.split(":", 1)[1]
-        if short not in _TEACHERS:
-            import cdistill.teacher.offline  # noqa: F401  (registers the shipped teachers)
-        if short not in _TEACHERS:
-            raise CdistillError(f"Unknown teacher {name!r}; cdistill teachers: {sorted(_TEACHERS)}. Fix model.teacher.name.")
+        if short not in TEACHERS:
+            raise CdistillError(f"Unknown teacher {name!r}; cdistill teachers: {TEACHERS.names()}. Fix model.teacher.name.")
         if pretrained:
             raise CdistillError(f"Teacher {name!r} has no hub weights; give model.teacher.checkpoint_path.")
-        model = _TEACHERS[short](**kw)
+        model = TEACHERS.get(short)(**kw)
     else:
         kw.setdefault("num_classes", 1000)  # keep the library head: a teacher is read at a layer
         model = create_student(name, in_chans=in_chans, pretrained=pretrained, **kw)
