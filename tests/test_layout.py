@@ -105,9 +105,10 @@ def test_cdistill_never_imports_datamodules() -> None:
 
 def test_no_private_name_from_another_package() -> None:
     _, raw = import_graph()
+    modules = all_modules()
     bad = []
     for name, imps in raw.items():
-        package = name.rpartition(".")[0] if not all_modules()[name].name == "__init__.py" else name
+        package = name if modules[name].name == "__init__.py" else name.rpartition(".")[0]
         for mod, attr in imps:
             private = (attr or "").startswith("_") or any(p.startswith("_") for p in mod.split("."))
             own = mod == package or mod.startswith(package + ".")

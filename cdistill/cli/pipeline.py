@@ -32,6 +32,7 @@ from cdistill.cli.tcav_report import summary, tcav_table
 from cdistill.cli.train import CONF_DIR, STUDENT_FILE, instantiate, instantiate_group, train
 from cdistill.errors import CdistillError, exit_on_error
 from cdistill.models.students import create_student
+from cdistill.utils.formatting import format_mean_std, mean_std
 
 log = logging.getLogger(__name__)
 BASE_KEYS = ("student", "optimizer", "scheduler", "num_classes", "num_bias_groups")
@@ -116,13 +117,6 @@ SCALE = {PERCENT: 100.0, FRACTION: 1.0, P_VALUE: 1.0}
 CSV_FIELDS = ["metric", "key", "unit", "n_seeds", "base_mean", "base_std", "cd_mean", "cd_std"]
 
 
-def _mean_std(vals: Sequence[float], scale: float = 100.0) -> str:
-    if not vals:
-        return "-"
-    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-    return f"{scale * np.mean(vals):.2f} ± {scale * std:.2f}"
-
-
 def _stats(vals: Sequence[float], scale: float) -> tuple[float | None, float | None]:
     """``(mean, std)`` over seeds in the row's unit (sample std; 0.0 for one seed)."""
     if not vals:
@@ -168,11 +162,8 @@ def summarize(per_seed: Sequence[Mapping[str, Mapping[str, float]]], protocols: 
 
 
 def _cell(mean: float | None, std: float | None, unit: str) -> str:
-    """``mean ± std`` for the markdown table; p-values in scientific notation (a p of 6.7e-05
-    must not read as 0.00)."""
-    if mean is None or std is None:
-        return "-"
-    return f"{mean:.2e} ± {std:.2e}" if unit == P_VALUE else f"{mean:.2f} ± {std:.2f}"
+    """``mean ± std`` for the markdown table; p-values in scientific notation."""
+    return format_mean_std(mean, std, sci=unit == P_VALUE)
 
 
 def _md_table(rows: Sequence[Mapping[str, Any]], with_unit: bool) -> list[str]:
@@ -241,12 +232,12 @@ def write_ablation(per_seed: Sequence[Mapping[str, Any]], protocols: Sequence[st
     head = [f"test acc ({p})" for p in protocols] + ["CAV acc (student space)", "CAV acc (teacher space)"]
     md = [f"# {task}: teacher x prototypes ablation", "", "| variant | " + " | ".join(head) + " |",
           "|---" * (len(head) + 1) + "|"]
-    base = [_mean_std([r["base"][f"{p}/test/acc"] for r in per_seed if f"{p}/test/acc" in r["base"]]) for p in protocols]
+    base = [mean_std([r["base"][f"{p}/test/acc"] for r in per_seed if f"{p}/test/acc" in r["base"]], scale=100.0) for p in protocols]
     md.append("| base model | " + " | ".join([*base, "-", "-"]) + " |")
     for name in ABLATION.values():
         runs = [r["ablation"][name] for r in per_seed if name in r.get("ablation", {})]
-        cells = [_mean_std([m[f"{p}/test/acc"] for m in runs if f"{p}/test/acc" in m]) for p in protocols]
-        cells += [_mean_std([m[k] for m in runs if k in m], 1.0).replace(" ± ", "±") for k in ("cav/acc_student", "cav/acc_teacher")]
+        cells = [mean_std([m[f"{p}/test/acc"] for m in runs if f"{p}/test/acc" in m], scale=100.0) for p in protocols]
+        cells += [mean_std([m[k] for m in runs if k in m]).replace(" ± ", "±") for k in ("cav/acc_student", "cav/acc_teacher")]
         md.append(f"| {name} | " + " | ".join(cells) + " |")
     md += ["", f"Reversed-bias test accuracy %, mean ± std over {len(per_seed)} seed(s), every variant "
            "fine-tuned from the same base model per seed. No prototypes = the logit form. '-': not run "

@@ -24,7 +24,7 @@ from torch import nn
 from cdistill.concepts import load_spec, preprocess
 from cdistill.concepts.tcav import benjamini_hochberg, holm, run_tcav
 from cdistill.errors import CdistillError
-from cdistill.utils.capture import collect_activations
+from cdistill.utils.capture import collect_activations, eval_mode
 
 
 @dataclass
@@ -70,32 +70,30 @@ def tcav_table(
         correction: ``holm`` or ``bh`` (Benjamini-Hochberg), across all concepts scored.
     """
     sets = load_spec(spec, channels=datamodule.num_channels, size=datamodule.image_size)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    with eval_mode(model):  # restored also when a concept is missing or TCAV fails
+        device = next(model.parameters()).device
 
-    def acts(name: str) -> torch.Tensor:
-        x = preprocess(sets[name], datamodule.normalize, channels=datamodule.num_channels, size=datamodule.image_size)
-        return collect_activations(model, layer, [x.to(device)])
+        def acts(name: str) -> torch.Tensor:
+            x = preprocess(sets[name], datamodule.normalize, channels=datamodule.num_channels, size=datamodule.image_size)
+            return collect_activations(model, layer, [x.to(device)])
 
-    randoms = [acts(k) for k in sorted(sets) if k.startswith(f"{random}/")]
-    if len(randoms) < 2:
-        raise CdistillError(f"The concept spec {spec!r} needs a random pool {random!r} split into >= 2 sets.")
-    data = datamodule.split(split)
-    images = torch.stack([data[i]["image"] for i in range(len(data))]).to(device)
-    labels = torch.as_tensor([int(data[i]["label"]) for i in range(len(data))], device=device)
-    jobs: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-    for template in concepts:
-        if "{y}" in template:
-            jobs += [(template.format(y=k), images[labels == k], labels[labels == k]) for k in range(datamodule.num_classes)]
-        else:
-            jobs.append((template, images, labels))
-    results = []
-    for name, x, y in jobs:
-        if name not in sets:
-            raise CdistillError(f"Concept {name!r} is not in the spec {spec!r}; it has {sorted(sets)}.")
-        results.append(run_tcav(model, layer, x, y, acts(name), randoms, solver=solver, target=target, concept=name))
-    model.train(was_training)
+        randoms = [acts(k) for k in sorted(sets) if k.startswith(f"{random}/")]
+        if len(randoms) < 2:
+            raise CdistillError(f"The concept spec {spec!r} needs a random pool {random!r} split into >= 2 sets.")
+        data = datamodule.split(split)
+        images = torch.stack([data[i]["image"] for i in range(len(data))]).to(device)
+        labels = torch.as_tensor([int(data[i]["label"]) for i in range(len(data))], device=device)
+        jobs: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        for template in concepts:
+            if "{y}" in template:
+                jobs += [(template.format(y=k), images[labels == k], labels[labels == k]) for k in range(datamodule.num_classes)]
+            else:
+                jobs.append((template, images, labels))
+        results = []
+        for name, x, y in jobs:
+            if name not in sets:
+                raise CdistillError(f"Concept {name!r} is not in the spec {spec!r}; it has {sorted(sets)}.")
+            results.append(run_tcav(model, layer, x, y, acts(name), randoms, solver=solver, target=target, concept=name))
     pvals = [r.p_value for r in results]
     corrected = holm(pvals) if correction == "holm" else benjamini_hochberg(pvals)
     return [

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from cdistill.concepts.cav import CAVResult, fit_cav, gate_cavs
 from cdistill.errors import CdistillError, unknown_name
-from cdistill.utils.capture import capture
+from cdistill.utils.capture import capture, eval_mode
 
 TargetFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 TARGETS = ("logprob", "logit")
@@ -99,28 +99,22 @@ def target_gradients(
     params = list(model.parameters())
     device = params[0].device if params else inputs.device
     step = batch_size or max(batch, 1)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     grads: list[Tensor] = []
-    try:
-        with torch.enable_grad():
-            for start in range(0, batch, step):
-                x = inputs[start : start + step].to(device)
-                y = label_t[start : start + step].to(device)
-                with capture(model, layer, grad_leaf=True) as store:
-                    logits = model(x)
-                act = store[layer]
-                values = _target_values(target, act, logits, y)
-                (grad,) = torch.autograd.grad(values.sum(), act, allow_unused=True)
-                if grad is None:
-                    raise CdistillError(
-                        f"The TCAV target does not depend on layer {layer!r}: is the layer "
-                        "on the forward path before the output?"
-                    )
-                grads.append(grad.reshape(grad.shape[0], -1))
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(model), torch.enable_grad():
+        for start in range(0, batch, step):
+            x = inputs[start : start + step].to(device)
+            y = label_t[start : start + step].to(device)
+            with capture(model, layer, grad_leaf=True) as store:
+                logits = model(x)
+            act = store[layer]
+            values = _target_values(target, act, logits, y)
+            (grad,) = torch.autograd.grad(values.sum(), act, allow_unused=True)
+            if grad is None:
+                raise CdistillError(
+                    f"The TCAV target does not depend on layer {layer!r}: is the layer "
+                    "on the forward path before the output?"
+                )
+            grads.append(grad.reshape(grad.shape[0], -1))
     if not grads:
         raise CdistillError("No inputs given for TCAV.")
     return torch.cat(grads)

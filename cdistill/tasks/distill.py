@@ -59,7 +59,7 @@ from cdistill.tasks.classifier import Batch, ClassifierModule, to_plain
 from cdistill.teacher.feature_cache import cached_tensors, fingerprint
 from cdistill.teacher.stage import check_teacher_config, map_concept_sets
 from cdistill.utils.artefacts import broadcast_bank, broadcast_buffers
-from cdistill.utils.capture import capture, collect_activations, resolve_module
+from cdistill.utils.capture import capture, collect_activations, eval_mode, resolve_module
 
 log = logging.getLogger(__name__)
 FORMS = ("prototype", "logit")
@@ -354,15 +354,11 @@ class ConceptDistillModule(ClassifierModule):
         fitter = PrototypeFitter(self.hparams["num_classes"], int(cfg.get("k", 1)), seed=0)
         train = datamodule.split("train")
         loader = torch.utils.data.DataLoader(train, batch_size=self.hparams["fit_batch_size"], shuffle=False)
-        was_training = self.student.training
-        self.student.eval()
-        try:
+        with eval_mode(self.student):
             for batch in loader:
                 with capture(self.student, self.layer, detach=True) as store:
                     self.student(batch["image"].to(self.device))
                 fitter.update(store[self.layer], batch["label"].to(self.device))
-        finally:
-            self.student.train(was_training)
         return fitter.compute()
 
     def fit_artefacts(self, datamodule: Any) -> None:

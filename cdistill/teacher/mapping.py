@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cdistill.errors import CdistillError
+from cdistill.utils.capture import eval_mode
 
 log = logging.getLogger(__name__)
 KINDS = ("auto", "conv", "linear")
@@ -182,12 +183,8 @@ class MappingAutoencoder(nn.Module):
     @torch.no_grad()
     def map(self, t: Tensor, batch_size: int = 512) -> Tensor:
         """``E_M(t)`` in eval mode, batched: ``[N, *student_shape]``."""
-        was = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             return torch.cat([self(t[i : i + batch_size])[0] for i in range(0, len(t), batch_size)])
-        finally:
-            self.train(was)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

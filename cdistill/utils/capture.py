@@ -11,7 +11,7 @@ when the body raises, so a model is never left with stray hooks.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -203,8 +203,44 @@ def capture(
             handle.remove()
 
 
-class _StopForward(Exception):
-    """Raised by a hook to skip the rest of the network once a layer is captured."""
+class StopForward(Exception):
+    """Raised by a hook to skip the rest of the network once a layer has run."""
+
+
+@contextmanager
+def stop_after(module: nn.Module) -> Iterator[None]:
+    """Skip the rest of the forward pass once ``module`` has run, inside the ``with`` body.
+
+    Hooks registered on ``module`` before this one (a :func:`capture`, an eraser) still see its
+    output; the body's forward call then returns early without an error.
+    """
+
+    def stop(mod: nn.Module, inputs: Any, output: Any) -> None:
+        raise StopForward
+
+    handle = module.register_forward_hook(stop)
+    try:
+        yield
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the ``with`` body, then restore each module's own mode.
+
+    Restoring per module (not ``model.train(was)``) keeps a deliberately frozen submodule in
+    eval mode; the modes come back also when the body raises.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -247,31 +283,17 @@ def collect_activations(
     """
     module = resolve_module(model, layer)
     device = _model_device(model)
-    modes = [(m, m.training) for m in model.modules()]
-
-    def stop(mod: nn.Module, inputs: Any, output: Any) -> None:
-        raise _StopForward
-
     outputs: list[Tensor] = []
-    model.eval()
-    try:
-        with capture(model, layer, detach=True) as store:
-            stop_handle = module.register_forward_hook(stop)  # runs after the capture hook
-            try:
-                for batch in batches:
-                    x = batch if isinstance(batch, Tensor) else batch[0]
-                    if device is not None:
-                        x = x.to(device, non_blocking=True)
-                    with suppress(_StopForward):
-                        model(x)
-                    act = store[layer]
-                    act = act.reshape(act.shape[0], -1) if flatten else act
-                    outputs.append(act if out_device is None else act.to(out_device))
-            finally:
-                stop_handle.remove()
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(model), capture(model, layer, detach=True) as store:
+        for batch in batches:
+            x = batch if isinstance(batch, Tensor) else batch[0]
+            if device is not None:
+                x = x.to(device, non_blocking=True)
+            with stop_after(module):  # registered after the capture hook, so it runs after it
+                model(x)
+            act = store[layer]
+            act = act.reshape(act.shape[0], -1) if flatten else act
+            outputs.append(act if out_device is None else act.to(out_device))
     if not outputs:
         raise CdistillError(f"No batches given to collect activations of layer {layer!r}.")
     return torch.cat(outputs)
