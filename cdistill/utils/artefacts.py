@@ -8,12 +8,13 @@ bitwise reproducible across processes.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from cdistill.concepts.cav import CAVBank
+if TYPE_CHECKING:  # utils sits below concepts: the bank is only a type here
+    from cdistill.concepts.cav import CAVBank
 
 
 def broadcast_buffers(trainer: Any, owners: Iterable[tuple[nn.Module, str]], device: torch.device) -> None:
