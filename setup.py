@@ -2,7 +2,7 @@
 
 All metadata is in ``pyproject.toml``. A wheel installs only packages, so the Hydra configs and
 concept specs that live at the repository root are copied into ``cdistill/_data/`` of the build
-(``cdistill.resources`` looks there first). The checkout keeps its layout, and an editable
+(``cdistill.utils.resources`` looks there first). The checkout keeps its layout, and an editable
 install reads the checkout's own folders, so nothing is copied for it.
 """
 

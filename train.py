@@ -1,6 +1,6 @@
 """Train a student: ``python train.py experiment=color_mnist/baseline`` (see README)."""
 
-from cdistill.train import main
+from cdistill.cli.train import main
 
 if __name__ == "__main__":
     main()

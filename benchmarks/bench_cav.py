@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cdistill.cav import fit_cav, stratified_split
+from cdistill.concepts.cav import fit_cav, stratified_split
 
 
 def make_data(d: int, n: int, rank: int, strength: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from cdistill.distill import ConceptDistillModule
-from cdistill.module import ClassifierModule
+from cdistill.tasks.classifier import ClassifierModule
+from cdistill.tasks.distill import ConceptDistillModule
 from datamodules import ColorMNISTDataModule
 
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -26,6 +26,10 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's cdistill, not an installed one
+
+from cdistill.utils.formatting import mean_std  # noqa: E402
+
 PROTOCOLS = ("paper", "strict", "last")
 
 
@@ -76,11 +80,7 @@ def best_val_reversed(run_dir: Path, seeds: list[int]) -> list[float]:
 
 
 def cell(vals: list[float] | None) -> str:
-    if not vals:
-        return "-"
-    if len(vals) == 1:
-        return f"{vals[0]:.2f}"
-    return f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f}"
+    return mean_std(vals or [], bare_single=True)
 
 
 def table(path: Path) -> str:

@@ -24,20 +24,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's cdistill, not an installed one
+
+from cdistill.utils.formatting import mean_std  # noqa: E402
+
 BENCHES = ("color_mnist", "decoy_mnist", "texture_mnist")
 METHODS = ("leace", "pclarc", "inlp", "rlace")
 PROTOCOLS = ("strict", "paper", "last")
 
 
 def cell(records: list[dict], stage: str, key: str) -> str:
-    vals = [100 * r[stage][key] for r in records if key in r[stage]]
-    if not vals:
-        return "-"
-    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-    return f"{np.mean(vals):.1f} ± {std:.1f}"
+    return mean_std([r[stage][key] for r in records if key in r[stage]], scale=100.0, digits=1)
 
 
 def table(runs: dict[tuple[str, str], list[dict]]) -> str:

@@ -17,13 +17,16 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's cdistill, not an installed one
+
+from cdistill.utils.formatting import mean_std  # noqa: E402
+
 KEYS = [("test", "r_mse"), ("test", "s_mse"), ("test_same_light", "r_mse"), ("test_same_light", "s_mse")]
 
 
@@ -47,8 +50,7 @@ def run(variant: str, seed: int, out: Path, extra: list[str], reuse: bool = Fals
 
 
 def cell(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+    return mean_std(values, digits=4)
 
 
 def main() -> None:

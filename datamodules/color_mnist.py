@@ -7,26 +7,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from cdistill.concepts.palette import PALETTE
+from cdistill.concepts.textures import NUM_TEXTURES, make_textures
 from datamodules.biased_mnist import BIASED_SPLITS, BiasedMNISTDataModule, Rendered, alpha_fill
-from datamodules.textures import NUM_TEXTURES, make_textures
-
-#: Ten colours evenly spaced in HSL from red to purple: ``uint8 [10, 3]``; class y is
-#: painted ``PALETTE[y]`` in training.
-PALETTE: Tensor = torch.tensor(
-    [
-        [0xFF, 0x00, 0x00],
-        [0xF1, 0x86, 0x00],
-        [0xCA, 0xE3, 0x00],
-        [0x47, 0xD5, 0x00],
-        [0x00, 0xC7, 0x2C],
-        [0x00, 0xB8, 0x8F],
-        [0x00, 0x72, 0xAA],
-        [0x00, 0x11, 0x9C],
-        [0x3F, 0x00, 0x8E],
-        [0x80, 0x00, 0x80],
-    ],
-    dtype=torch.uint8,
-)
 
 
 class ColorMNISTDataModule(BiasedMNISTDataModule):
@@ -40,7 +23,7 @@ class ColorMNISTDataModule(BiasedMNISTDataModule):
     * ``test_random_color``: a uniformly random palette colour per digit; bias = its index.
     * ``test_pixel_hard``: a random palette colour per pixel; bias -1.
     * ``test_random_texture``: the digit filled with a random texture from
-      :mod:`datamodules.textures`; bias -1.
+      :mod:`cdistill.concepts.textures`; bias -1.
 
     ``cue`` records the palette index (train to random-colour splits) or texture id
     (random-texture split); -1 for pixel-hard.

@@ -37,7 +37,7 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
-from cdistill.concepts import PROJECT_ROOT, _expand
+from cdistill.concepts import PROJECT_ROOT, expand_templates
 from cdistill.errors import CdistillError
 from cdistill.utils import MANIFEST, build_folder
 from datamodules.bffhq import BFFHQDataModule
@@ -172,7 +172,7 @@ def concept_sets(spec_path: Path = TEMPLATE_SPEC) -> dict[str, dict[str, object]
     """The template spec's sets (``for_k`` expanded): name -> entry with ``folder``, ``n`` and
     optional fixed ``age``/``gender`` (a missing one is drawn at random per image)."""
     spec = yaml.safe_load(spec_path.read_text()) or {}
-    sets = _expand(spec.get("sets") or {})
+    sets = expand_templates(spec.get("sets") or {})
     for name, entry in sets.items():
         if "folder" not in entry or "n" not in entry:
             raise CdistillError(f"Proxy concept set {name!r} in {str(spec_path)!r} needs 'folder' and 'n'.")

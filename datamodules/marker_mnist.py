@@ -2,9 +2,9 @@
 
 A local, luminance-only artefact, like a ruler or a watermark in medical and web images: each
 grey digit gets one 5x5 glyph (plus, ring, triangle, bar, cross, square, diamond, corner,
-dots, tee: :data:`cdistill.glyphs.GLYPH_NAMES`) at a random position outside the digit's
+dots, tee: :data:`cdistill.concepts.glyphs.GLYPH_NAMES`) at a random position outside the digit's
 bounding box where there is room (else over no ink, else over the least ink). The glyphs are
-drawn by :mod:`cdistill.glyphs`, the same code that draws the concept sets
+drawn by :mod:`cdistill.concepts.glyphs`, the same code that draws the concept sets
 (``concepts/marker_mnist.yaml``, ``kind: glyph``).
 """
 
@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from cdistill.concepts.glyphs import GLYPH_NAMES, GLYPH_SIZE, draw_glyphs
 from cdistill.errors import CdistillError
-from cdistill.glyphs import GLYPH_NAMES, GLYPH_SIZE, draw_glyphs
 from datamodules.biased_mnist import BIASED_SPLITS, BiasedMNISTDataModule, Rendered
 
 

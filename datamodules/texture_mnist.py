@@ -7,8 +7,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from cdistill.concepts.textures import NUM_TEXTURES, make_textures
 from datamodules.biased_mnist import BIASED_SPLITS, BiasedMNISTDataModule, Rendered, alpha_fill
-from datamodules.textures import NUM_TEXTURES, make_textures
 
 
 class TextureMNISTDataModule(BiasedMNISTDataModule):
@@ -22,7 +22,7 @@ class TextureMNISTDataModule(BiasedMNISTDataModule):
       bias-aligned by chance.
 
     ``bias`` and ``cue`` are the texture id. Textures are procedural; see
-    :mod:`datamodules.textures` for the source.
+    :mod:`cdistill.concepts.textures` for the source.
     """
 
     name: str = "texture_mnist"

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import torch
 
-import cdistill.teacher_stage as stage_mod
+import cdistill.teacher.stage as stage_mod
 from cdistill.errors import CdistillError
-from cdistill.feature_cache import cache_report, cached_tensors, evict, feature_files, main
-from cdistill.offline_teacher import ensure_digits_ae
-from cdistill.teachers import create_teacher
+from cdistill.teacher.feature_cache import cache_report, cached_tensors, evict, feature_files, main
+from cdistill.teacher.offline import ensure_digits_ae
+from cdistill.teacher.teachers import create_teacher
 from cdistill.utils import MANIFEST, build_file, build_folder, check_folder
 from datamodules.faces_proxy import MARKER, ProxySettings, ensure_faces_proxy
 

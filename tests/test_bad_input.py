@@ -19,13 +19,13 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from cdistill.cav import fit_cav
+from cdistill.cli.train import train
 from cdistill.concepts import load_spec
-from cdistill.distill import ConceptDistillModule
+from cdistill.concepts.cav import fit_cav
 from cdistill.errors import CdistillError, NonFiniteError
-from cdistill.losses import concept_loss
-from cdistill.module import ClassifierModule
-from cdistill.train import train
+from cdistill.objective.losses import concept_loss
+from cdistill.tasks.classifier import ClassifierModule
+from cdistill.tasks.distill import ConceptDistillModule
 from datamodules import ColorMNISTDataModule
 
 MakeCfg = Callable[..., DictConfig]
@@ -72,7 +72,7 @@ def test_diverged_model_is_named_as_such(tmp_path: Path) -> None:
 
 def test_on_nonfinite_skip_skips_the_batch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     model = _classifier(on_nonfinite="skip")
-    with caplog.at_level(logging.WARNING, logger="cdistill.module"):
+    with caplog.at_level(logging.WARNING, logger="cdistill.tasks.classifier"):
         _trainer(tmp_path, limit_val_batches=0).fit(model, train_dataloaders=_loader(bad=slice(0, 1)))
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert "Skipped training step 0" in caplog.text
@@ -81,7 +81,7 @@ def test_on_nonfinite_skip_skips_the_batch(tmp_path: Path, caplog: pytest.LogCap
 
 
 def test_nan_in_an_intrinsic_training_is_an_error(tmp_path: Path) -> None:
-    from cdistill.intrinsic import IntrinsicModule
+    from cdistill.tasks.intrinsic import IntrinsicModule
 
     model = IntrinsicModule(student={"name": "iid_unet", "in_chans": 3, "width": 4}, optimizer=ADAM)
     gen = torch.Generator().manual_seed(0)
@@ -241,8 +241,8 @@ def test_concept_images_of_another_size_are_converted_with_one_warning(
 
 
 # ----------------------------------------------------------------------------- console entry points
-@pytest.mark.parametrize(("entry", "experiment"), [("cdistill.train", "color_mnist/baseline"),
-                                                   ("cdistill.pipeline", "color_mnist/cd")])
+@pytest.mark.parametrize(("entry", "experiment"), [("cdistill.cli.train", "color_mnist/baseline"),
+                                                   ("cdistill.cli.pipeline", "color_mnist/cd")])
 def test_entry_point_prints_the_message_alone(
     entry: str, experiment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

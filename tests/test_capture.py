@@ -9,8 +9,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from cdistill.capture import capture, collect_activations, parse_layer, resolve_module
 from cdistill.errors import CdistillError
+from cdistill.utils.capture import (
+    capture,
+    collect_activations,
+    eval_mode,
+    parse_layer,
+    resolve_module,
+    stop_after,
+)
 
 
 def small_cnn() -> Any:  # an nn.Sequential; Any lets tests reach its named children
@@ -198,3 +205,28 @@ def test_collect_activations_eval_mode_restore_and_early_stop() -> None:
     assert unflat.shape == (5, 8, 4, 4)
     with pytest.raises(CdistillError, match="No batches"):
         collect_activations(model, "relu2", [])
+
+
+def test_eval_mode_restores_each_module_also_after_an_error() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.BatchNorm1d(2))
+    model.train()
+    model[2].eval()  # a deliberately frozen submodule stays frozen
+    try:
+        with eval_mode(model):
+            assert not any(m.training for m in model.modules())
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert [m.training for m in model.modules()] == [True, True, True, False]
+
+
+def test_stop_after_skips_the_rest_and_removes_its_hook() -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    seen: list[torch.Size] = []
+    model[2].register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    out = None
+    with capture(model, "0") as store, stop_after(model[0]):
+        out = model(torch.ones(4, 2))  # never returns: the forward stops after model[0]
+    assert out is None and store["0"].shape == (4, 3) and not seen
+    model(torch.ones(4, 2))
+    assert seen == [torch.Size([4, 1])]  # the stop hook is gone

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import Tensor
 
-import cdistill.cav as cav
-from cdistill.cav import (
+import cdistill.concepts.cav as cav
+from cdistill.concepts.cav import (
     CAVBank,
     CAVResult,
     fit_cav,

@@ -10,7 +10,7 @@ import pytest
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from cdistill.train import instantiate_group
+from cdistill.cli.train import instantiate_group
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MakeCfg = Callable[..., DictConfig]
@@ -22,7 +22,7 @@ def options(group: str) -> list[str]:
 
 
 def test_every_group_has_options() -> None:
-    for group in ("data", "model", "trainer", "logger", "callbacks", "debug", "experiment"):
+    for group in ("data", "model", "trainer", "logger", "callbacks", "debug", "experiment", "erasure"):
         assert options(group), group
     assert {"color_mnist/baseline", "decoy_mnist/baseline", "texture_mnist/baseline"} <= set(options("experiment"))
     assert {"cpu", "gpu", "ddp", "ddp_sim"} <= set(options("trainer"))
@@ -101,6 +101,20 @@ def test_experiment_options_compose(make_cfg: MakeCfg, name: str) -> None:
         return
     model = hydra.utils.instantiate(cfg.model)
     dm = hydra.utils.instantiate(cfg.data)
-    from cdistill.students import check_input_channels
+    from cdistill.models.students import check_input_channels
 
     check_input_channels(model.student, dm.num_channels)
+
+
+@pytest.mark.parametrize("bench", ["color_mnist", "decoy_mnist", "texture_mnist"])
+@pytest.mark.parametrize("method", options("erasure"))
+def test_erasure_group_equals_the_experiment_shortcut(make_cfg: MakeCfg, bench: str, method: str) -> None:
+    # experiment=<bench>/<method> is the cd experiment with the erasure group on top, renamed.
+    short = OmegaConf.to_container(make_cfg(f"experiment={bench}/{method}"))
+    group = OmegaConf.to_container(make_cfg(f"experiment={bench}/cd", f"+erasure={method}"))
+    assert isinstance(short, dict) and isinstance(group, dict)
+    assert short.pop("task_name") == f"{bench}_{method}" and short.pop("tags") == [bench, "erasure", method]
+    group.pop("task_name"), group.pop("tags")
+    assert short == group
+    assert short["model"]["lambda_c"] == 0.0 and short["model"]["erasure"]["layers"] == ["conv1"]
+    assert short["pipeline"]["tcav"]["enabled"] is False

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from cdistill.concepts.textures import make_textures
 from cdistill.errors import CdistillError
 from datamodules import (
     PALETTE,
@@ -26,7 +27,6 @@ from datamodules import (
 )
 from datamodules.decoy_mnist import CORNERS
 from datamodules.mnist_source import load_embedded_digits, pixels_to_uint8
-from datamodules.textures import make_textures
 
 _CACHE: dict[tuple[type, int], BiasedMNISTDataModule] = {}
 

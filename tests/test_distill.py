@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import one_sgd_step_run
 
-from cdistill.distill import ConceptDistillModule
 from cdistill.errors import CdistillError
+from cdistill.tasks.distill import ConceptDistillModule
 from datamodules import ColorMNISTDataModule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from conftest import one_sgd_step_run
 from omegaconf import DictConfig, open_dict
 from torch import Tensor, nn
 
-from cdistill.distill import ConceptDistillModule
+from cdistill.cli.train import train
 from cdistill.erasure import LowRankEraser
 from cdistill.erasure.hooks import (
     ErasureSpec,
@@ -23,8 +23,8 @@ from cdistill.erasure.hooks import (
     specs_from_config,
 )
 from cdistill.errors import CdistillError
-from cdistill.students import create_student
-from cdistill.train import train
+from cdistill.models.students import create_student
+from cdistill.tasks.distill import ConceptDistillModule
 from datamodules import ColorMNISTDataModule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,9 +17,9 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
+from cdistill.cli.train import train
 from cdistill.concepts import load_spec
 from cdistill.errors import CdistillError
-from cdistill.train import train
 from datamodules import BFFHQDataModule, FacesProxyDataModule, create_datamodule
 from datamodules.faces_proxy import MARKER, ProxySettings, ensure_faces_proxy
 
@@ -214,7 +214,7 @@ def test_faces_experiments_fast_dev_run(make_cfg: MakeCfg, tmp_path: Path, exper
 
 @pytest.mark.slow
 def test_faces_pipeline_reports_tcav(make_cfg: MakeCfg, tmp_path: Path) -> None:
-    from cdistill.pipeline import run_pipeline
+    from cdistill.cli.pipeline import run_pipeline
 
     cfg = make_cfg("experiment=faces/cd", "debug=fdr", f"data.root={tmp_path}/proxy", *TINY, "pipeline.seeds=[0]")
     records = run_pipeline(cfg)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
+from cdistill.cli.train import train
 from cdistill.errors import CdistillError
-from cdistill.iid_metrics import lmse, si_mse, whdr
-from cdistill.intrinsic import IntrinsicModule
-from cdistill.train import train
+from cdistill.tasks.iid_metrics import lmse, si_mse, whdr
+from cdistill.tasks.intrinsic import IntrinsicModule
 from datamodules.intrinsic import IntrinsicDataModule
 
 MakeCfg = Callable[..., DictConfig]
@@ -80,7 +80,7 @@ def _batch() -> dict[str, torch.Tensor]:
 
 
 def _grad_at_layer(m: IntrinsicModule, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    from cdistill.capture import capture
+    from cdistill.utils.capture import capture
 
     with capture(m.student, "r_dec.up1") as store:
         r, _ = m.student(batch["image"])
@@ -160,7 +160,7 @@ def test_iid_experiment_fast_dev_run(make_cfg: MakeCfg, experiment: str) -> None
 
 
 def test_iid_protocols_minimise(make_cfg: MakeCfg, tmp_path: Path) -> None:
-    from cdistill.train import protocol_checkpoints
+    from cdistill.cli.train import protocol_checkpoints
 
     cfg = make_cfg("experiment=iid/baseline", "data.max_train_samples=32", "data.num_val=8", "data.num_test=8",
                    "data.image_size=16", "trainer.max_epochs=2")

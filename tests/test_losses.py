@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdistill.losses import (
+from cdistill.objective.losses import (
     concept_loss,
     corner_mask,
     local_loss,
@@ -16,7 +16,7 @@ from cdistill.losses import (
     prototype_gradient,
     subspace_basis,
 )
-from cdistill.prototypes import Prototypes
+from cdistill.objective.prototypes import Prototypes
 
 
 def test_prototype_form_equals_autograd_of_prototype_loss() -> None:

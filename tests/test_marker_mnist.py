@@ -13,8 +13,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from cdistill.concepts import load_spec
-from cdistill.errors import CdistillError
-from cdistill.glyphs import (
+from cdistill.concepts.glyphs import (
     GLYPH_NAMES,
     GLYPH_SIZE,
     draw_glyphs,
@@ -22,6 +21,7 @@ from cdistill.glyphs import (
     glyph_masks,
     stamp_glyphs,
 )
+from cdistill.errors import CdistillError
 from datamodules import (
     BiasedMNISTDataModule,
     ColorMNISTDataModule,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdistill.metrics import BiasGroupAccuracy
+from cdistill.tasks.metrics import BiasGroupAccuracy
 
 
 def test_bias_group_accuracy_by_hand() -> None:

@@ -79,7 +79,7 @@ def test_wheel_ships_configs_specs_and_datamodules(installed: tuple[Path, Path])
         shipped = {n.removeprefix(prefix) for n in names if n.startswith(prefix)}
         assert shipped == _repo_files(folder), folder
     assert "datamodules/__init__.py" in names
-    assert "cdistill/resources.py" in names
+    assert "cdistill/utils/resources.py" in names
 
 
 @builds
@@ -114,7 +114,7 @@ def test_console_script_composes_from_another_directory(installed: tuple[Path, P
 def test_installed_package_reads_its_own_data(installed: tuple[Path, Path], tmp_path: Path) -> None:
     _, site = installed
     probe = (
-        "import cdistill.resources as r, cdistill.concepts as c, datamodules.faces_proxy as f\n"
+        "import cdistill.utils.resources as r, cdistill.concepts as c, datamodules.faces_proxy as f\n"
         "print(r.conf_dir()); print(f.TEMPLATE_SPEC if f.TEMPLATE_SPEC.is_file() else 'missing')\n"
         "print(' '.join(sorted(c.load_spec('concepts/color_mnist.yaml'))))\n"
     )
@@ -128,7 +128,7 @@ def test_installed_package_reads_its_own_data(installed: tuple[Path, Path], tmp_
 
 
 def test_relative_spec_prefers_the_users_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cdistill.resources import data_root, resolve_data_path
+    from cdistill.utils.resources import data_root, resolve_data_path
 
     monkeypatch.chdir(tmp_path)
     assert resolve_data_path("concepts/color_mnist.yaml") == data_root() / "concepts" / "color_mnist.yaml"
@@ -141,7 +141,7 @@ def test_relative_spec_prefers_the_users_file(tmp_path: Path, monkeypatch: pytes
 
 def test_data_root_prefers_shipped_copy_and_names_a_broken_install(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import cdistill.resources as resources
+    import cdistill.utils.resources as resources
     from cdistill.errors import CdistillError
 
     shipped, checkout = tmp_path / "shipped", tmp_path / "checkout"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from cdistill.pipeline import summarize, summary_metrics, write_report
+from cdistill.cli.pipeline import summarize, summary_metrics, write_report
 
 PROTOCOLS = ["strict", "paper"]
 

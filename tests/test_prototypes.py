@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch import Tensor
 
 from cdistill.errors import CdistillError
-from cdistill.prototypes import PrototypeFitter, Prototypes, kmeans
+from cdistill.objective.prototypes import PrototypeFitter, Prototypes, kmeans
 
 
 def blobs(centers: Tensor, n: int, std: float, seed: int) -> tuple[Tensor, Tensor]:

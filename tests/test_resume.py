@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import DictConfig, open_dict
 
-from cdistill.train import train
+from cdistill.cli.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 MakeCfg = Callable[..., DictConfig]
@@ -161,7 +161,7 @@ def test_sigkill_resume_is_exact_faces_cd(tmp_path: Path) -> None:
 
 
 def test_random_draws_come_from_the_checkpointed_generator(make_cfg: MakeCfg) -> None:
-    from cdistill.train import instantiate
+    from cdistill.cli.train import instantiate
 
     torch.manual_seed(0)  # the module's generator is seeded from the run's seed
     model = instantiate(make_cfg("experiment=color_mnist/cd_best").model)
@@ -191,7 +191,7 @@ def _saved(obj: dict) -> io.BytesIO:
 
 
 def test_ckpt_path_last_finds_the_latest_run(tmp_path: Path) -> None:
-    from cdistill.train import checkpoint_run_dir, resolve_ckpt_path
+    from cdistill.cli.train import checkpoint_run_dir, resolve_ckpt_path
 
     runs = tmp_path / "logs" / "task" / "runs"
     for i, name in enumerate(("2026-01-02_00-00-00", "2026-01-01_00-00-00")):

@@ -15,9 +15,9 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, open_dict
 
-import cdistill.module
-from cdistill.module import ClassifierModule
-from cdistill.train import instantiate, train
+import cdistill.tasks.classifier
+from cdistill.cli.train import instantiate, train
+from cdistill.tasks.classifier import ClassifierModule
 
 MakeCfg = Callable[..., DictConfig]
 # Validation "metrics" per epoch that force the selections: `first` peaks at epoch 0, `middle`
@@ -38,9 +38,9 @@ class ScheduledClassifier(ClassifierModule):
 
 @pytest.fixture
 def scheduled(monkeypatch: pytest.MonkeyPatch) -> str:
-    """``_target_`` of :class:`ScheduledClassifier` (importable through cdistill.module)."""
-    monkeypatch.setattr(cdistill.module, "ScheduledClassifier", ScheduledClassifier, raising=False)
-    return "cdistill.module.ScheduledClassifier"
+    """``_target_`` of :class:`ScheduledClassifier` (importable through cdistill.tasks.classifier)."""
+    monkeypatch.setattr(cdistill.tasks.classifier, "ScheduledClassifier", ScheduledClassifier, raising=False)
+    return "cdistill.tasks.classifier.ScheduledClassifier"
 
 
 def _scheduled_cfg(make_cfg: MakeCfg, target: str, out: Path, *extra: str) -> DictConfig:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cdistill.errors import CdistillError
-from cdistill.students import MnistCNN, check_input_channels, create_student, first_conv
+from cdistill.models.students import MnistCNN, check_input_channels, create_student, first_conv
 
 
 def test_mnist_cnn_shapes_match_the_paper() -> None:

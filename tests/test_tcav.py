@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 from scipy import stats
 from torch import Tensor, nn
 
-from cdistill.errors import CdistillError
-from cdistill.tcav import (
+from cdistill.concepts.tcav import (
     benjamini_hochberg,
     directional_derivatives,
     holm,
@@ -24,6 +23,7 @@ from cdistill.tcav import (
     tcav_score,
     tcav_significance,
 )
+from cdistill.errors import CdistillError
 
 D = 16
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from cdistill.module import ClassifierModule
-from cdistill.tcav_report import TCAVCallback, plot_tcav, summary, tcav_table
+from cdistill.cli.tcav_report import TCAVCallback, plot_tcav, summary, tcav_table
+from cdistill.errors import CdistillError
+from cdistill.tasks.classifier import ClassifierModule
 from datamodules import ColorMNISTDataModule
 
 
@@ -45,3 +46,17 @@ def test_random_concept_is_not_significant(tmp_path: Path) -> None:
     assert abs(s.score - s.random_score) < 0.35
     assert set(summary(scores)) == {"tcav", "tcav_p", "tcav_significant"}
     assert plot_tcav(scores, tmp_path / "t.png").is_file()
+
+
+def test_tcav_table_restores_train_mode_when_a_concept_is_missing() -> None:
+    # The train/eval mode comes back also when the table raises half-way (a missing concept).
+    dm = ColorMNISTDataModule(max_train_samples=100)
+    student = ClassifierModule(student={"name": "mnist_cnn"}, optimizer={"_target_": "torch.optim.Adam"}).student
+    student.train()
+    try:
+        tcav_table(student, dm, "concepts/color_mnist.yaml", "conv2", ["no_such_concept"], random="random")
+    except CdistillError as err:
+        assert "no_such_concept" in str(err)
+    else:
+        raise AssertionError("a missing concept must raise")
+    assert all(m.training for m in student.modules())

@@ -10,14 +10,14 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-import cdistill.teacher_stage as stage_mod
+import cdistill.teacher.stage as stage_mod
+from cdistill.cli.pipeline import ABLATION, variant_config, write_ablation
+from cdistill.cli.train import train
 from cdistill.errors import CdistillError
-from cdistill.feature_cache import cached_tensors, fingerprint
-from cdistill.mapping import MappingAutoencoder, fit_mapping, fit_pca
-from cdistill.offline_teacher import DigitsAutoencoder
-from cdistill.pipeline import ABLATION, variant_config, write_ablation
-from cdistill.teachers import Teacher, create_teacher, tokens_to_grid
-from cdistill.train import train
+from cdistill.teacher.feature_cache import cached_tensors, fingerprint
+from cdistill.teacher.mapping import MappingAutoencoder, fit_mapping, fit_pca
+from cdistill.teacher.offline import DigitsAutoencoder
+from cdistill.teacher.teachers import Teacher, create_teacher, tokens_to_grid
 
 MakeCfg = Callable[..., DictConfig]
 TINY_VIT = {"img_size": 28, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2, "num_classes": 0}
@@ -238,7 +238,7 @@ def test_bad_teacher_input(tmp_path: Path) -> None:
 
 
 def test_offline_teacher_trains_and_is_cached(tmp_path: Path) -> None:
-    from cdistill.offline_teacher import bias_free_images, ensure_digits_ae
+    from cdistill.teacher.offline import bias_free_images, ensure_digits_ae
 
     imgs = bias_free_images(64, 0)
     assert imgs.shape == (64, 3, 28, 28) and torch.equal(imgs, bias_free_images(64, 0))
@@ -277,7 +277,7 @@ def test_teacher_stage_under_ddp_sim_matches_single_process(tmp_path: Path) -> N
 
 
 def test_dino_config_composes_and_names_a_missing_checkpoint(make_cfg: MakeCfg, tmp_path: Path) -> None:
-    from cdistill.train import instantiate
+    from cdistill.cli.train import instantiate
 
     cfg = make_cfg("experiment=color_mnist/cd_teacher", "teacher@model.teacher=dino_vitb8",
                    f"model.teacher.checkpoint_path={tmp_path / 'dino_vitb8.pth'}")

@@ -15,8 +15,8 @@ import torch
 import yaml
 from omegaconf import DictConfig, open_dict
 
+from cdistill.cli.train import train
 from cdistill.errors import CdistillError
-from cdistill.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 MakeCfg = Callable[..., DictConfig]
@@ -109,7 +109,7 @@ def test_checkpoint_carries_config_and_loads_weights_only(make_cfg: MakeCfg, tmp
     assert cfg["model"]["student"]["name"] == "mnist_cnn"
     assert ckpt["hyper_parameters"]["student"]["name"] == "mnist_cnn"
     assert "optimizer_states" in ckpt and "loops" in ckpt
-    from cdistill.module import ClassifierModule
+    from cdistill.tasks.classifier import ClassifierModule
 
     model = ClassifierModule.load_from_checkpoint(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=True)
     assert torch.equal(model.student.fc2.weight, ckpt["state_dict"]["student.fc2.weight"])
@@ -137,7 +137,7 @@ import json, sys
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
-import cdistill.train  # registers cdistill's resolvers
+import cdistill.cli.train  # registers cdistill's resolvers
 dirs = []
 for _ in range(2):
     GlobalHydra.instance().clear()
@@ -233,7 +233,7 @@ def test_ddp_sim_ranks_share_the_default_run_dir(tmp_path: Path) -> None:
 
 
 def test_pipeline_writes_report(make_cfg: MakeCfg, tmp_path: Path) -> None:
-    from cdistill.pipeline import run_pipeline
+    from cdistill.cli.pipeline import run_pipeline
 
     cfg = make_cfg("experiment=color_mnist/cd", "debug=fdr", "data.max_train_samples=128", "pipeline.seeds=[0]")
     with open_dict(cfg):  # debug=fdr switches the loggers off; the summary must reach this one

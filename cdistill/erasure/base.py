@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cdistill.buffers import FittedBuffers
 from cdistill.errors import CdistillError
+from cdistill.utils.buffers import FittedBuffers
 
 _HALF = (torch.float16, torch.bfloat16)
 

@@ -28,12 +28,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from cdistill.capture import resolve_module
 from cdistill.erasure.base import LowRankEraser
 from cdistill.erasure.factory import METHODS, fit_eraser
 from cdistill.erasure.leace import LeaceFitter
 from cdistill.erasure.probe import fit_logistic, majority_rate
 from cdistill.errors import CdistillError, unknown_name
+from cdistill.utils.capture import eval_mode, resolve_module, stop_after
 
 MODES = ("position", "flatten", "token")
 Batch = Mapping[str, Tensor]
@@ -44,7 +44,7 @@ class ErasureSpec:
     """How to erase a concept at one layer.
 
     Attributes:
-        layer: Module path (see :func:`cdistill.capture.resolve_module`).
+        layer: Module path (see :func:`cdistill.utils.capture.resolve_module`).
         mode: ``position``, ``flatten`` or ``token`` (see the module docstring).
         method: Any :data:`cdistill.erasure.METHODS` name (``leace`` by default).
         concept: Batch key of the integer concept ids ``[B]`` (``bias``: the class the
@@ -206,10 +206,6 @@ def eraser_key(layer: str) -> str:
 
 
 # ---------------------------------------------------------------------------- fitting
-class _Stop(Exception):
-    """Raised by a hook to skip the rest of the network once the layer has run."""
-
-
 def _layer_rows(
     model: nn.Module, layer: str, mode: str, x: Tensor, active: Mapping[str, nn.Module], modes: Mapping[str, str]
 ) -> Tensor:
@@ -219,15 +215,13 @@ def _layer_rows(
 
     def grab(mod: nn.Module, inputs: Any, output: Any) -> None:
         seen.append(_tensor_output(layer, output).detach())
-        raise _Stop
 
     # Registered after the erasure hooks: at an erased layer it sees the erased output.
     with erase(model, active, dict(modes)):
         handle = module.register_forward_hook(grab)
         try:
-            model(x)
-        except _Stop:
-            pass
+            with stop_after(module):  # after grab: the rest of the network is skipped
+                model(x)
         finally:
             handle.remove()
     if not seen:
@@ -290,15 +284,10 @@ def fit_layer_erasers(
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     modes = {s.layer: s.mode for s in specs}
-    states = [(m, m.training) for m in model.modules()]
-    model.eval()
     fitted: dict[str, LowRankEraser] = {}
-    try:
+    with eval_mode(model):
         for spec in specs:
             fitted[spec.layer] = _fit_one(model, spec, batches, num_classes, device, fitted, modes, reduce)
-    finally:
-        for m, mode in states:
-            m.training = mode
     return fitted
 
 
@@ -383,9 +372,7 @@ def bias_probe_accuracy(
     layer_modes = dict(modes or {k: mode for k in active})
     spec = ErasureSpec(layer=layer, mode=mode, concept=concept)
     feats, ids = [], []
-    states = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         for batch in batches:
             with torch.no_grad():
                 rows = _layer_rows(model, layer, mode, batch["image"].to(device), active, layer_modes)
@@ -393,9 +380,6 @@ def bias_probe_accuracy(
             pooled = rows.reshape(rows.shape[0], -1, rows.shape[-1]).mean(1)
             feats.append(pooled[keep].float().cpu())
             ids.append(batch[spec.concept][keep.cpu()])
-    finally:
-        for m, state in states:
-            m.training = state
     # Lightning tests under inference mode; the probe needs autograd (on plain copies).
     with torch.inference_mode(False), torch.enable_grad():
         x, z = torch.cat(feats).clone(), torch.cat(ids).long().clone()

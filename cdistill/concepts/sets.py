@@ -20,7 +20,6 @@ training activations do.
 from __future__ import annotations
 
 import logging
-import math
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,9 +32,11 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from cdistill.concepts.glyphs import draw_glyphs
+from cdistill.concepts.palette import PALETTE
+from cdistill.concepts.textures import make_textures
 from cdistill.errors import CdistillError
-from cdistill.glyphs import draw_glyphs
-from cdistill.resources import data_root, resolve_data_path
+from cdistill.utils.resources import data_root, resolve_data_path
 
 log = logging.getLogger(__name__)
 #: Folders (and target size, channels) already warned about: once per set, not at every CAV refresh.
@@ -80,14 +81,10 @@ def blob_masks(n: int, size: int, gen: torch.Generator) -> Tensor:
 
 
 def _palette() -> Tensor:
-    from datamodules.color_mnist import PALETTE
-
     return PALETTE.float()
 
 
 def _textures(size: int) -> Tensor:
-    from datamodules.textures import make_textures
-
     return make_textures(size).float()  # [K, 3, size, size]
 
 
@@ -139,7 +136,7 @@ def _patch_images(n: int, size: int, gen: torch.Generator, params: Mapping[str, 
 
 def _glyph_images(n: int, size: int, gen: torch.Generator, params: Mapping[str, Any]) -> Tensor:
     """Glyph ``params["glyph"]`` drawn over white strokes, away from their ink, as the
-    MarkerMNIST data draws it (:func:`cdistill.glyphs.draw_glyphs`): ``float [n, 3, H, W]``."""
+    MarkerMNIST data draws it (:func:`cdistill.concepts.glyphs.draw_glyphs`): ``float [n, 3, H, W]``."""
     if params.get("glyph") is None:
         raise CdistillError("A concept set of kind glyph needs 'glyph' (its id, 0..9).")
     strokes = (stroke_masks(n, size, gen) * 255).round().to(torch.uint8)
@@ -260,7 +257,7 @@ def load_image_folder(path: str | Path, *, size: int, channels: int, name: str |
     return torch.stack(out)
 
 
-def _expand(sets: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+def expand_templates(sets: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Expand ``for_k`` templates into one entry per k."""
     out: dict[str, dict[str, Any]] = {}
     for name, entry in sets.items():
@@ -298,7 +295,7 @@ def load_spec(path: str | Path, *, channels: int | None = None, size: int | None
     channels = int(channels or spec.get("channels", 3))
     size = int(size or spec.get("image_size", 28))
     result: dict[str, Tensor] = {}
-    for name, entry in _expand(spec["sets"]).items():
+    for name, entry in expand_templates(spec["sets"]).items():
         entry = dict(entry)
         split = int(entry.pop("split", 0))
         if "folder" in entry:
@@ -346,13 +343,3 @@ def preprocess(images: Tensor, normalize: Callable[[Tensor], Tensor], *, channel
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return normalize(x)
 
-
-def montage(images: Tensor, cols: int = 10) -> Tensor:
-    """Tile ``uint8 [N, C, H, W]`` into one ``uint8 [C, rows*H, cols*W]`` image (to look at)."""
-    n, c, h, w = images.shape
-    rows = math.ceil(n / cols)
-    canvas = torch.zeros(c, rows * h, cols * w, dtype=images.dtype)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        canvas[:, r * h : (r + 1) * h, q * w : (q + 1) * w] = images[i]
-    return canvas

@@ -1,0 +1,1 @@
+"""Command-line entry points (train, pipeline) and their TCAV report callback and loggers."""

@@ -1,0 +1,1 @@
+"""Networks: the student registry and factory (cdistill, timm, torchvision) and the IID net."""

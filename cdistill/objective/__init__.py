@@ -1,0 +1,1 @@
+"""Training objective: the concept, prototype and local loss terms and class prototypes."""

@@ -1,0 +1,1 @@
+"""The LightningModules: classification (base), concept distillation and intrinsic decomposition."""

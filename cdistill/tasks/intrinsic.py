@@ -1,0 +1,328 @@
+"""IntrinsicModule: intrinsic image decomposition (``I ≈ R * S``) with an optional concept loss.
+
+``L = si-MSE(R) + si-MSE(S) + λ_c Σ_t w_t L_c,t`` (means over the batch).
+
+A reconstruction task has no classes, hence no class prototypes: the concept loss uses as
+its gradient direction ``g = ∇_a L_branch``, the gradient of the branch's per-sample
+scale-invariant reconstruction loss w.r.t. the activation ``a`` of a layer *inside that
+branch* (``model.target=loss``). ``output`` uses ``∇_a ½||branch output||²`` instead (no
+ground truth needed), and ``random`` uses ``∇_a <u, branch output>`` for a fresh Gaussian
+image ``u`` per sample and step: ``J^T u`` for the branch Jacobian ``J``, whose cosine with
+``v`` is small on average over ``u`` only when ``J v`` is small, i.e. when the branch *output*
+does not move along the concept (the analogue of the ``random`` logit target of
+:class:`~cdistill.tasks.distill.ConceptDistillModule`; the loss gradient vanishes at a good fit
+and then carries little signal). It is one batched double backward (the net has no batch norm, so
+the gradient of the batch sum is every sample's own gradient). A desensitize term
+penalises ``|cos(g, v)|``: moving the activation along the concept direction ``v`` should
+not change the branch's loss.
+
+CAVs come from concept pairs rendered from the same geometry (see
+:func:`datamodules.intrinsic_synth.concept_pairs`): at the term's layer, the activation
+differences ``a(after) - a(before)`` of one set (e.g. ``illumination``: the light moves away
+from the training lights) are separated from those of the other (``material``: only the
+albedo changes) with :func:`cdistill.concepts.cav.fit_cav`. The ``R`` term makes the reflectance
+branch insensitive to illumination change; the optional ``S`` term makes the shading branch
+insensitive to material change. CAVs are fitted on the model as it is when training starts
+(unless a checkpoint holds them), kept as buffers, and broadcast from rank 0 under DDP.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.image import StructuralSimilarityIndexMeasure
+
+from cdistill.concepts.cav import CAVBank, fit_cav
+from cdistill.errors import CdistillError
+from cdistill.models.iid_net import create_iid_net
+from cdistill.objective.losses import CAV_MODES, DIRECTIONS, concept_loss, position_gradients
+from cdistill.tasks.classifier import EvalSplitsModule, to_plain
+from cdistill.tasks.iid_metrics import lmse, ls_scale, si_mse
+from cdistill.utils.artefacts import broadcast_bank, broadcast_buffers
+from cdistill.utils.capture import capture, collect_activations, resolve_module
+
+log = logging.getLogger(__name__)
+Batch = Mapping[str, Tensor]
+BRANCHES = {"r": ("reflectance", 0), "s": ("shading", 1)}
+TARGETS = ("loss", "output", "random")
+
+
+def term_name(term: Mapping[str, Any]) -> str:
+    """Log name of a concept term: ``name`` or ``<branch>_<concept>``."""
+    return str(term.get("name") or f"{term['branch']}_{term['concept']}")
+
+
+class IntrinsicModule(EvalSplitsModule):
+    """Predict reflectance and shading; see the module docstring.
+
+    Args:
+        student: Keyword arguments of :func:`cdistill.models.iid_net.create_iid_net` (``name``,
+            ``in_chans``, ``width``).
+        optimizer: Hydra-style optimizer config (``_target_`` and kwargs).
+        scheduler: Optional Hydra-style LR scheduler config (``interval`` key optional).
+        lambda_c: Weight of the concept loss (0: off; no CAVs are fitted).
+        target: ``loss`` (``∇_a`` of the branch's reconstruction loss), ``output``
+            (``∇_a ½||branch output||²``) or ``random`` (``∇_a <u, branch output>``, ``u``
+            Gaussian); see the module docstring.
+        concepts: ``terms`` (list of ``{branch: r|s, layer, concept, negative, direction,
+            weight, name}``; ``concept``/``negative`` in ``illumination``, ``material``),
+            ``solver`` (``mean_diff``, ``logistic`` ...), ``min_accuracy`` (gate),
+            ``test_fraction``, ``num_pairs`` (pairs per concept set; 0: the datamodule's) and
+            ``refit_every_n_epochs`` (0: CAVs fitted once when training starts; ``n``: refitted
+            on the current model at the start of every ``n``-th epoch, so they follow the
+            representation as it trains from scratch), ``refit_every_n_steps`` (likewise every
+            ``n`` optimiser steps: the student quickly moves the concept to directions a frozen
+            CAV does not cover), ``cav_mode``: ``flatten`` (one CAV on
+            the flattened map) or ``position`` (one CAV in the ``C``-dim channel space, fitted
+            on the per-position channel vectors of the differences, at most ``max_rows`` rows;
+            the loss is the gradient-norm-weighted cosine at every position, see
+            :func:`cdistill.objective.losses.concept_loss`).
+        lmse_window: LMSE window side (the MIT protocol's 20 suits ~250 px images).
+        fit_batch_size: Batch size for collecting activations.
+        val_names, test_names: Evaluation split names (the datamodule's win when it has them).
+    """
+
+    def __init__(
+        self,
+        student: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        scheduler: Mapping[str, Any] | None = None,
+        lambda_c: float = 0.0,
+        target: str = "loss",
+        concepts: Mapping[str, Any] | None = None,
+        lmse_window: int = 8,
+        fit_batch_size: int = 250,
+        val_names: Sequence[str] = ("val", "val_relit"),
+        test_names: Sequence[str] = ("test", "test_same_light"),
+    ) -> None:
+        super().__init__()
+        concepts = dict(to_plain(concepts) or {})
+        terms = [dict(t) for t in concepts.get("terms") or []]
+        if target not in TARGETS:
+            raise CdistillError(f"model.target={target!r}: use one of {TARGETS}.")
+        if concepts.get("cav_mode", "flatten") not in CAV_MODES:
+            raise CdistillError(f"model.concepts.cav_mode={concepts['cav_mode']!r}: use one of {CAV_MODES}.")
+        if lambda_c > 0 and not terms:
+            raise CdistillError("model.lambda_c > 0 but model.concepts.terms is empty: name at least one term.")
+        self.save_hyperparameters({
+            "student": dict(to_plain(student)), "optimizer": dict(to_plain(optimizer)),
+            "scheduler": None if scheduler is None else dict(to_plain(scheduler)), "lambda_c": lambda_c,
+            "target": target, "concepts": concepts, "lmse_window": lmse_window, "fit_batch_size": fit_batch_size,
+            "val_names": list(val_names), "test_names": list(test_names),
+        })
+        self.student = create_iid_net(**self.hparams["student"])
+        for t in terms:
+            missing = [k for k in ("branch", "layer", "concept", "negative") if k not in t]
+            if missing:
+                raise CdistillError(f"Concept term {t} lacks {missing}: give branch, layer, concept and negative.")
+            if t.get("branch") not in BRANCHES:
+                raise CdistillError(f"Concept term {t}: branch must be one of {sorted(BRANCHES)}.")
+            if t.get("direction", "desensitize") not in DIRECTIONS:
+                raise CdistillError(f"Concept term {t}: direction must be one of {DIRECTIONS}.")
+            resolve_module(self.student, str(t["layer"]))  # a wrong layer fails now, listing close names
+        self.terms = terms
+        self.cavs = CAVBank()
+        self.register_buffer("cav_rows", torch.full((len(terms),), -1, dtype=torch.long))
+        self.register_buffer("term_weights", torch.tensor([float(t.get("weight", 1.0)) for t in terms]))
+        self.register_buffer(
+            "sensitize", torch.tensor([t.get("direction", "desensitize") == "sensitize" for t in terms], dtype=torch.bool)
+        )
+        self.register_buffer("artefacts_fitted", torch.tensor(False))
+        self.eval_metrics = nn.ModuleDict()
+        self._build_eval_metrics([*val_names, *test_names])
+        self.run_config: str | None = None  # the resolved Hydra config, stored in checkpoints
+
+    cav_rows: Tensor
+    term_weights: Tensor
+    sensitize: Tensor
+    artefacts_fitted: Tensor
+
+    # ------------------------------------------------------------------ concept artefacts
+    @property
+    def cav_mode(self) -> str:
+        return str(self.hparams["concepts"].get("cav_mode", "flatten"))
+
+    def _activation_differences(self, pairs: Mapping[str, tuple[Tensor, Tensor]], layer: str) -> dict[str, Tensor]:
+        """``{set: a(after) - a(before)}`` at ``layer``: ``[n, d]`` (flattened), or ``[m, C]``
+        per-position channel vectors (``cav_mode=position``, a seeded subset of at most
+        ``max_rows`` rows)."""
+        bs = int(self.hparams["fit_batch_size"])
+        position = self.cav_mode == "position"
+        out = {}
+        for i, (name, (before, after)) in enumerate(pairs.items()):
+            acts = [
+                collect_activations(self.student, layer, [x[j : j + bs] for j in range(0, len(x), bs)], flatten=not position)
+                for x in (before, after)
+            ]
+            diff = acts[1] - acts[0]
+            if position:
+                diff = diff.flatten(2).transpose(1, 2).reshape(-1, diff.shape[1])  # [n * P, C]
+                keep = int(self.hparams["concepts"].get("max_rows", 20000))
+                if len(diff) > keep:
+                    gen = torch.Generator().manual_seed(i)
+                    diff = diff[torch.randperm(len(diff), generator=gen)[:keep].to(diff.device)]
+            out[name] = diff
+        return out
+
+    def fit_cavs(self, pairs: Mapping[str, tuple[Tensor, Tensor]]) -> tuple[CAVBank, Tensor]:
+        """One CAV per term (concept-set differences vs negative-set differences at its layer).
+
+        Returns:
+            The bank and ``cav_rows [T]`` (the bank row of each term; -1 below the gate).
+        """
+        cfg = self.hparams["concepts"]
+        bank, rows = CAVBank(), torch.full_like(self.cav_rows, -1)
+        min_acc = float(cfg.get("min_accuracy", 0.7))
+        for t, term in enumerate(self.terms):
+            diffs = self._activation_differences(pairs, str(term["layer"]))
+            for key in ("concept", "negative"):
+                if term[key] not in diffs:
+                    raise CdistillError(f"Concept term {term_name(term)!r}: {key} {term[key]!r} is not one of {sorted(diffs)}.")
+            res = fit_cav(
+                diffs[term["concept"]], diffs[term["negative"]], str(cfg.get("solver", "mean_diff")),
+                test_fraction=float(cfg.get("test_fraction", 0.3)), seed=0,
+                concept=str(term["concept"]), negative=str(term["negative"]), layer=str(term["layer"]),
+            )
+            if res.accuracy < min_acc:
+                rank_zero_warn(f"CAV of term {term_name(term)!r} has held-out accuracy {res.accuracy:.3f} < {min_acc}: skipped.")
+                continue
+            rows[t] = bank.add(res)
+        if self.terms and bool((rows < 0).all()):
+            raise CdistillError("Every IID CAV fell below the accuracy gate (model.concepts.min_accuracy); try other layers.")
+        return bank, rows
+
+    def fit_artefacts(self, datamodule: Any) -> None:
+        """Fit the CAVs on the current model, then give every rank rank 0's values."""
+        n = int(self.hparams["concepts"].get("num_pairs") or 0) or None
+        pairs = {k: (a.to(self.device), b.to(self.device)) for k, (a, b) in datamodule.concept_pairs(n).items()}
+        bank, rows = self.fit_cavs(pairs)
+        self.cavs, self.cav_rows = bank.to(self.device), rows.to(self.device)
+        log.info("fitted %d IID CAVs: accuracies %s", len(bank), [round(float(a), 3) for a in bank.accuracies])
+        broadcast_bank(self._trainer, self.cavs, self.device)
+        broadcast_buffers(self._trainer, [(self, "cav_rows")], self.device)
+        self.artefacts_fitted = torch.tensor(True, device=self.device)
+
+    def on_fit_start(self) -> None:
+        # CAVs restored from a checkpoint are kept: resuming must not refit them.
+        if self.hparams["lambda_c"] > 0 and not bool(self.artefacts_fitted):
+            self.fit_artefacts(self.trainer.datamodule)  # type: ignore[attr-defined]
+
+    def refit(self) -> None:
+        """Refit the CAVs on the current model; when every CAV falls below the gate, keep the
+        previous ones (warned) rather than stop training. Every rank holds the same weights
+        and renders the same pairs, so all ranks take the same branch."""
+        try:
+            self.fit_artefacts(self.trainer.datamodule)  # type: ignore[attr-defined]
+        except CdistillError as err:
+            rank_zero_warn(f"CAV refit at step {self.global_step} skipped, keeping the previous CAVs: {err}")
+
+    def on_train_epoch_start(self) -> None:
+        every = int(self.hparams["concepts"].get("refit_every_n_epochs", 0))
+        epoch = self.current_epoch
+        if self.hparams["lambda_c"] > 0 and every > 0 and epoch > 0 and epoch % every == 0:
+            self.refit()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        every = int(self.hparams["concepts"].get("refit_every_n_steps", 0))
+        step = self.global_step
+        if self.hparams["lambda_c"] > 0 and every > 0 and step > 0 and step % every == 0:
+            self.refit()
+
+    # ------------------------------------------------------------------ objective
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(R [B, 3, H, W], S [B, 3, H, W])`` for images ``[B, 3, H, W]``."""
+        return self.student(x)
+
+    def _branch_scalar(self, pred: Tensor, per_sample_loss: Tensor) -> Tensor:
+        """The scalar whose gradient the concept loss aligns: summed over the batch."""
+        target = self.hparams["target"]
+        if target == "output":
+            return 0.5 * pred.pow(2).sum()
+        if target == "random":
+            # From the module's generator, whose state checkpoints carry (exact resume).
+            u = torch.randn(pred.shape, generator=self.rng, dtype=pred.dtype).to(pred.device)
+            return (u * pred).sum()
+        return per_sample_loss.sum()
+
+    def compute_losses(self, batch: Batch) -> dict[str, Tensor]:
+        """``loss`` and each term: ``task``, ``r_mse``, ``s_mse`` (scale-invariant, batch
+        means), ``concept`` and ``concept/<term>`` (when ``lambda_c > 0``), plus the outputs
+        ``R`` and ``S``. Callable without a Trainer once the CAVs are fitted."""
+        hp = self.hparams
+        layers = sorted({str(t["layer"]) for t in self.terms}) if hp["lambda_c"] > 0 else []
+        mask = batch.get("mask")
+        with capture(self.student, layers) as store:
+            r, s = self.student(batch["image"])
+        per = {"r": si_mse(r, batch["reflectance"], mask), "s": si_mse(s, batch["shading"], mask)}
+        task = per["r"].mean() + per["s"].mean()
+        out: dict[str, Tensor] = {"task": task, "r_mse": per["r"].mean(), "s_mse": per["s"].mean(), "R": r, "S": s}
+        loss = task
+        if hp["lambda_c"] > 0:
+            preds = {"r": r, "s": s}
+            total = task.new_zeros(())
+            for t, term in enumerate(self.terms):
+                row = self.cav_rows[t : t + 1]
+                if int(row) < 0:
+                    continue
+                acts = store[str(term["layer"])]
+                scalar = self._branch_scalar(preds[term["branch"]], per[term["branch"]])
+                (grad,) = torch.autograd.grad(scalar, acts, create_graph=True)
+                labels = torch.zeros(len(grad), dtype=torch.long, device=grad.device)  # one "class"
+                g = position_gradients(grad.flatten(1), tuple(grad.shape[1:])) if self.cav_mode == "position" else grad.flatten(1)
+                lc, _ = concept_loss(g, labels, self.cavs.vectors, row.view(1, 1),
+                                     self.sensitize[t : t + 1], self.term_weights[t : t + 1])
+                out[f"concept/{term_name(term)}"] = lc / self.term_weights[t].clamp_min(1e-12)
+                total = total + lc
+            out["concept"] = total
+            loss = loss + hp["lambda_c"] * total
+        out["loss"] = loss
+        return out
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+        out = self.compute_losses(batch)
+        if not bool(torch.isfinite(out["loss"].detach())):
+            self.nonfinite_batch("the loss is not finite", batch, batch_idx)
+            return None
+        bs = batch["image"].shape[0]
+        for key, value in out.items():
+            if key not in ("R", "S"):
+                self.log(f"train/{key}", value.detach(), on_step=True, on_epoch=True, batch_size=bs,
+                         prog_bar=key == "loss")
+        return out["loss"]
+
+    # ------------------------------------------------------------------ evaluation
+    def _build_eval_metrics(self, names: Sequence[str]) -> None:
+        for name in names:
+            if name not in self.eval_metrics:
+                metrics: dict[str, Any] = {f"{b}_{m}": MeanMetric() for b in BRANCHES for m in ("mse", "lmse")}
+                metrics.update({f"{b}_ssim": StructuralSimilarityIndexMeasure(data_range=1.0) for b in BRANCHES})
+                self.eval_metrics[name] = MetricCollection(metrics, compute_groups=False)
+
+    def _eval_step(self, batch: Batch, names: Sequence[str], idx: int) -> None:
+        metrics = self.eval_metrics[names[idx]]
+        assert isinstance(metrics, MetricCollection)
+        preds = self.student(batch["image"])
+        mask = batch.get("mask")
+        window = min(int(self.hparams["lmse_window"]), *batch["image"].shape[-2:])
+        for b, (key, i) in BRANCHES.items():
+            pred, gt = preds[i], batch[key]
+            metrics[f"{b}_mse"].update(si_mse(pred, gt, mask))
+            metrics[f"{b}_lmse"].update(lmse(pred, gt, mask, window))
+            # SSIM of the least-squares-scaled prediction: scale-invariant like the others.
+            metrics[f"{b}_ssim"].update((ls_scale(pred, gt, mask) * pred).clamp(0, 1), gt)
+
+    def _eval_epoch_end(self, names: Sequence[str]) -> None:
+        for name in names:
+            metrics = self.eval_metrics[name]
+            assert isinstance(metrics, MetricCollection)
+            if not metrics["r_mse"].update_called:
+                continue
+            values = metrics.compute()
+            self.log_dict({f"{name}/{k}": v for k, v in values.items()}, sync_dist=False)
+            metrics.reset()

@@ -1,0 +1,117 @@
+"""Package boundaries: no file-level import cycle, cdistill never imports datamodules, and no module
+imports a private (``_name``) from another package. Imports inside functions count too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("cdistill", "datamodules")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def all_modules() -> dict[str, Path]:
+    return {module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+
+
+def imports_of(path: Path, name: str, known: set[str]) -> list[tuple[str, str | None]]:
+    """``(module, imported name or None)`` for every import in the file (resolved to known modules)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: list[tuple[str, str | None]] = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                found.append((sub, None) if sub in known else (base, alias.name))
+    return [(mod, attr) for mod, attr in found if mod.split(".")[0] in PACKAGES]
+
+
+def edges(name: str, target: str) -> set[str]:
+    """The module ``target`` and the packages above it that importing it runs, seen from
+    ``name`` (a module's own packages are already running, so they are not edges)."""
+    out = {target}
+    parts = target.split(".")
+    for i in range(1, len(parts)):
+        pkg = ".".join(parts[:i])
+        if not (name == pkg or name.startswith(pkg + ".")):
+            out.add(pkg)
+    return out
+
+
+def import_graph() -> tuple[dict[str, set[str]], dict[str, list[tuple[str, str | None]]]]:
+    modules = all_modules()
+    known = set(modules)
+    raw = {name: imports_of(path, name, known) for name, path in modules.items()}
+    graph = {name: set().union(*(edges(name, mod) for mod, _ in imps)) & known - {name} for name, imps in raw.items()}
+    return graph, raw
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_graph_sees_imports() -> None:
+    # Guards the test itself: known edges must be found, or "no cycle" would mean nothing.
+    graph, _ = import_graph()
+    assert "cdistill.objective.losses" in graph["cdistill.tasks.distill"]
+    assert "cdistill.concepts.palette" in graph["datamodules.color_mnist"]
+    assert "cdistill.teacher.offline" in graph["cdistill.teacher"]
+
+
+def test_find_cycle_finds_one() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle() -> None:
+    graph, _ = import_graph()
+    assert find_cycle(graph) is None
+
+
+def test_cdistill_never_imports_datamodules() -> None:
+    graph, _ = import_graph()
+    leaks = {f"{a} -> {b}" for a, targets in graph.items() if a.startswith("cdistill") for b in targets if b.startswith("datamodules")}
+    assert not leaks
+
+
+def test_no_private_name_from_another_package() -> None:
+    _, raw = import_graph()
+    modules = all_modules()
+    bad = []
+    for name, imps in raw.items():
+        package = name if modules[name].name == "__init__.py" else name.rpartition(".")[0]
+        for mod, attr in imps:
+            private = (attr or "").startswith("_") or any(p.startswith("_") for p in mod.split("."))
+            own = mod == package or mod.startswith(package + ".")
+            if private and not own:
+                bad.append(f"{name}: {mod}.{attr}")
+    assert not bad
