@@ -1,5 +1,6 @@
 """LightningDataModules: the biased-MNIST benchmarks (ColorMNIST, DecoyMNIST, TextureMNIST,
-MarkerMNIST) and the faces (BFFHQ read from disk, and its drawn offline proxy)."""
+MarkerMNIST), the faces (BFFHQ read from disk, and its drawn offline proxy), and any dataset given
+as a folder of images with a metadata CSV (``folder``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from datamodules.color_mnist import PALETTE, ColorMNISTDataModule
 from datamodules.dataset import BiasedDigitsDataset
 from datamodules.decoy_mnist import DecoyMNISTDataModule
 from datamodules.faces_proxy import FacesProxyDataModule
+from datamodules.folder import FolderDataModule
 from datamodules.marker_mnist import MarkerMNISTDataModule
 from datamodules.sampler import EpochSeededSampler
 from datamodules.texture_mnist import TextureMNISTDataModule
@@ -26,6 +28,7 @@ DATAMODULES: dict[str, type[pl.LightningDataModule]] = {
     "marker_mnist": MarkerMNISTDataModule,
     "bffhq": BFFHQDataModule,
     "faces_proxy": FacesProxyDataModule,
+    "folder": FolderDataModule,
 }
 
 
@@ -50,6 +53,7 @@ __all__ = [
     "DecoyMNISTDataModule",
     "EpochSeededSampler",
     "FacesProxyDataModule",
+    "FolderDataModule",
     "MarkerMNISTDataModule",
     "TextureMNISTDataModule",
     "create_datamodule",
