@@ -25,13 +25,13 @@ register_student = STUDENTS.register
 
 
 @register_student("mnist_cnn")
-def _mnist_cnn(in_chans: int = 3, num_classes: int = 10) -> nn.Module:
-    return MnistCNN(in_chans=in_chans, num_classes=num_classes)
+def _mnist_cnn(in_chans: int = 3, num_classes: int = 10, image_size: int = 28) -> nn.Module:
+    return MnistCNN(in_chans=in_chans, num_classes=num_classes, image_size=image_size)
 
 
 @register_student("mnist_cnn_gray")
-def _mnist_cnn_gray(in_chans: int = 1, num_classes: int = 10) -> nn.Module:
-    return MnistCNN(in_chans=in_chans, num_classes=num_classes)
+def _mnist_cnn_gray(in_chans: int = 1, num_classes: int = 10, image_size: int = 28) -> nn.Module:
+    return MnistCNN(in_chans=in_chans, num_classes=num_classes, image_size=image_size)
 
 
 def first_conv(model: nn.Module) -> nn.Conv2d | None:
@@ -47,6 +47,17 @@ def check_input_channels(model: nn.Module, channels: int, model_name: str = "stu
             f"The data gives {channels}-channel images but {model_name} expects "
             f"{conv.in_channels} channels. Set model.student.in_chans={channels} "
             f"(or use a model built for {channels}-channel input)."
+        )
+
+
+def check_input_size(model: nn.Module, size: int, model_name: str = "student") -> None:
+    """Raise a clear error when ``model`` declares a fixed input side (an ``image_size``
+    attribute, as the MNIST CNN has) other than the data's ``size``."""
+    own = getattr(model, "image_size", None)
+    if isinstance(own, int) and own != int(size):
+        raise CdistillError(
+            f"The data gives {size}x{size} images but {model_name} was built for {own}x{own}. "
+            f"Set model.student.image_size={size} (or data.image_size={own} where the data has it)."
         )
 
 
