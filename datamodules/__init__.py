@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 from cdistill.errors import unknown_name
 from datamodules.bffhq import BFFHQDataModule
 from datamodules.biased_mnist import BiasedMNISTDataModule
+from datamodules.celeba import CelebADataModule
 from datamodules.color_mnist import PALETTE, ColorMNISTDataModule
 from datamodules.dataset import BiasedDigitsDataset
 from datamodules.decoy_mnist import DecoyMNISTDataModule
@@ -19,6 +20,7 @@ from datamodules.folder import FolderDataModule
 from datamodules.marker_mnist import MarkerMNISTDataModule
 from datamodules.sampler import EpochSeededSampler
 from datamodules.texture_mnist import TextureMNISTDataModule
+from datamodules.waterbirds import WaterbirdsDataModule
 
 #: Dataset name (the ``data=`` config choice) -> datamodule class.
 DATAMODULES: dict[str, type[pl.LightningDataModule]] = {
@@ -29,6 +31,8 @@ DATAMODULES: dict[str, type[pl.LightningDataModule]] = {
     "bffhq": BFFHQDataModule,
     "faces_proxy": FacesProxyDataModule,
     "folder": FolderDataModule,
+    "waterbirds": WaterbirdsDataModule,
+    "celeba": CelebADataModule,
 }
 
 
@@ -49,6 +53,7 @@ __all__ = [
     "BFFHQDataModule",
     "BiasedDigitsDataset",
     "BiasedMNISTDataModule",
+    "CelebADataModule",
     "ColorMNISTDataModule",
     "DecoyMNISTDataModule",
     "EpochSeededSampler",
@@ -56,5 +61,6 @@ __all__ = [
     "FolderDataModule",
     "MarkerMNISTDataModule",
     "TextureMNISTDataModule",
+    "WaterbirdsDataModule",
     "create_datamodule",
 ]

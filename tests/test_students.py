@@ -105,3 +105,18 @@ def test_train_refuses_data_of_another_size_before_training(make_cfg: Callable[.
                    "model.num_classes=2", "model.num_bias_groups=2", "model.student.num_classes=2", "debug=fdr",
                    "+model.student.image_size=32")
     assert 0.0 <= train(cfg)["test/acc"] <= 1.0
+
+
+def test_init_path_loads_all_but_a_head_of_another_size(tmp_path: Path) -> None:
+    import torchvision
+
+    src = torchvision.models.resnet18(weights=None)  # 1000-class head, like ImageNet files
+    torch.save(src.state_dict(), tmp_path / "r18.pth")
+    model = create_student("torchvision:resnet18", num_classes=2, init_path=str(tmp_path / "r18.pth"))
+    assert torch.equal(model.conv1.weight, src.conv1.weight) and torch.equal(model.layer4[1].bn2.bias, src.layer4[1].bn2.bias)
+    assert model.fc.weight.shape == (2, 512)
+    state = src.state_dict()
+    state["conv1.weight"] = state["conv1.weight"][:, :1]  # a backbone mismatch is still an error
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CdistillError, match=r"conv1\.weight.*model\.student\.init_path"):
+        create_student("torchvision:resnet18", num_classes=2, init_path=str(tmp_path / "bad.pth"))
