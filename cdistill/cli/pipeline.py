@@ -109,6 +109,8 @@ ROWS = [
     ("test/acc", "test acc"),
     ("test/acc_aligned", "test acc, bias-aligned"),
     ("test/acc_conflicting", "test acc, bias-conflicting"),
+    ("test/acc_worst_group", "test acc, worst (label, bias) group"),
+    ("test/acc_group_mean", "test acc, mean over (label, bias) groups"),
 ]
 #: Units of the summary: accuracies in percent; TCAV scores and shares as fractions in [0, 1];
 #: p-values as probabilities (printed in scientific notation).
