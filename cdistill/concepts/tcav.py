@@ -25,12 +25,14 @@ import torch
 from scipy import stats
 from torch import Tensor, nn
 
-from cdistill.concepts.cav import CAVResult, fit_cav, gate_cavs
+from cdistill.concepts.cav import DEFAULT_SOLVER, CAVResult, fit_cav, gate_cavs
 from cdistill.errors import CdistillError, unknown_name
+from cdistill.objective.losses import LOGIT_TARGETS
 from cdistill.utils.capture import capture, eval_mode
 
 TargetFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-TARGETS = ("logprob", "logit")
+#: The targets TCAV differentiates: the first two of :data:`cdistill.objective.losses.TARGETS`.
+TARGETS = LOGIT_TARGETS[:2]
 
 
 def _target_values(target: str | TargetFn, act: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
@@ -279,7 +281,7 @@ def run_tcav(
     labels: Tensor | int | None,
     concept_acts: Tensor,
     random_sets_acts: Sequence[Tensor],
-    solver: str = "logistic",
+    solver: str = DEFAULT_SOLVER,
     target: str | TargetFn = "logprob",
     n_runs: int | None = None,
     *,

@@ -18,14 +18,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from cdistill.concepts.cav import MIN_ACCURACY, SOLVER_NAMES
+from cdistill.concepts.cav import DEFAULT_SOLVER, MIN_ACCURACY, SOLVER_NAMES
 from cdistill.erasure.hooks import ErasureSpec, specs_from_config
 from cdistill.errors import CdistillError, unknown_name
 from cdistill.objective.losses import CAV_MODES, DIRECTIONS, LOGIT_TARGETS, POSITION_WEIGHTS
 
 LOCAL_MASKS = ("foreground", "corners")
-#: CAV solver of the concept-distillation task (the paper's logistic regression).
-DEFAULT_SOLVER = "logistic"
 
 C = TypeVar("C")
 
@@ -215,17 +213,14 @@ class ConceptsConfig:
 
     @classmethod
     def from_dict(
-        cls, cfg: Mapping[str, Any] | None, base: CAVConfig | None = None, required: tuple[str, ...] = ("concept",)
+        cls, cfg: Mapping[Any, Any] | None, base: CAVConfig | None = None, required: tuple[str, ...] = ("concept",)
     ) -> ConceptsConfig:
         """Parse the flat YAML form; CAV keys not given take ``base``'s values (default: :class:`CAVConfig`'s)."""
-        rest = dict(cfg or {})
+        rest = {str(k): v for k, v in (cfg or {}).items() if v is not None}  # null: the default
         refresh = Every.pop(rest, "refresh", "refit")
-        cav: dict[str, Any] = {k: rest.pop(k) for k in _CAV_KEYS if rest.get(k) is not None}
+        cav: dict[str, Any] = {k: rest.pop(k) for k in _CAV_KEYS if k in rest}
         if refresh.active:
             cav["refresh"] = refresh
-        for key in ("spec", "num_pairs"):
-            if rest.get(key) is None:
-                rest.pop(key, None)
         terms = tuple(ConceptTerm.from_dict(t, required) for t in rest.pop("terms", None) or ())
         keys = ("spec", "terms", "num_pairs", *_CAV_KEYS, *Every().to_keys("refresh"), *Every().to_keys("refit"))
         for key in rest:
