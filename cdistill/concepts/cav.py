@@ -177,6 +177,39 @@ def stratified_split(
     return pos_tr, pos_te, neg_tr, neg_te
 
 
+def _checked_sets(pos: Tensor, neg: Tensor, concept: str, negative: str, layer: str) -> tuple[Tensor, Tensor]:
+    """``pos [n1, d]`` and ``neg [n0, d]`` flattened, after checking they are non-empty, finite
+    and of one dimension."""
+    pos, neg = _flatten(f"concept {concept!r}", pos), _flatten(f"negative {negative!r}", neg)
+    for kind, name, acts in (("concept", concept, pos), ("negative", negative, neg)):
+        # A NaN row would give a NaN CAV (mean_diff) or a solver failure, not an error.
+        bad = int((~torch.isfinite(acts).all(1)).sum()) if acts.is_floating_point() else 0
+        if bad:
+            raise NonFiniteError(
+                f"The {kind} set {name!r} at layer {layer!r} has {bad} of {len(acts)} activation rows with "
+                "NaN/Inf: check its images and the model's weights (a diverged checkpoint?)."
+            )
+    if pos.shape[1] != neg.shape[1]:
+        raise CdistillError(
+            f"Concept {concept!r} activations have d={pos.shape[1]} but negative {negative!r} "
+            f"activations have d={neg.shape[1]}; collect both at the same layer."
+        )
+    return pos, neg
+
+
+def _accuracies(pos_ok: Tensor, neg_ok: Tensor, p_idx: Tensor, n_idx: Tensor) -> tuple[float, float, float]:
+    """Accuracy over the rows ``p_idx`` of ``pos_ok [n1]`` and ``n_idx`` of ``neg_ok [n0]``
+    (bool: row classified right), and on each set alone (NaN for an empty one)."""
+    cp, cn = int(pos_ok[p_idx].sum()), int(neg_ok[n_idx].sum())
+    np_, nn_ = len(p_idx), len(n_idx)
+    nan = float("nan")
+    return (
+        (cp + cn) / max(np_ + nn_, 1),
+        cp / np_ if np_ else nan,
+        cn / nn_ if nn_ else nan,
+    )
+
+
 def fit_cav(
     pos: Tensor,
     neg: Tensor,
@@ -213,20 +246,7 @@ def fit_cav(
         CdistillError: An empty set, a set too small to split, mismatched dimensions,
             NaN/Inf activations (:class:`~cdistill.errors.NonFiniteError`).
     """
-    pos, neg = _flatten(f"concept {concept!r}", pos), _flatten(f"negative {negative!r}", neg)
-    for kind, name, acts in (("concept", concept, pos), ("negative", negative, neg)):
-        # A NaN row would give a NaN CAV (mean_diff) or a solver failure, not an error.
-        bad = int((~torch.isfinite(acts).all(1)).sum()) if acts.is_floating_point() else 0
-        if bad:
-            raise NonFiniteError(
-                f"The {kind} set {name!r} at layer {layer!r} has {bad} of {len(acts)} activation rows with "
-                "NaN/Inf: check its images and the model's weights (a diverged checkpoint?)."
-            )
-    if pos.shape[1] != neg.shape[1]:
-        raise CdistillError(
-            f"Concept {concept!r} activations have d={pos.shape[1]} but negative {negative!r} "
-            f"activations have d={neg.shape[1]}; collect both at the same layer."
-        )
+    pos, neg = _checked_sets(pos, neg, concept, negative, layer)
     neg = neg.to(pos.device)
     try:
         pos_tr, pos_te, neg_tr, neg_te = stratified_split(len(pos), len(neg), test_fraction, seed)
@@ -248,18 +268,8 @@ def fit_cav(
     pos_ok = (pos.to(dtype) @ v + bias) > 0
     neg_ok = (neg.to(dtype) @ v + bias) <= 0
 
-    def acc(p_idx: Tensor, n_idx: Tensor) -> tuple[float, float, float]:
-        cp, cn = int(pos_ok[p_idx].sum()), int(neg_ok[n_idx].sum())
-        np_, nn_ = len(p_idx), len(n_idx)
-        nan = float("nan")
-        return (
-            (cp + cn) / max(np_ + nn_, 1),
-            cp / np_ if np_ else nan,
-            cn / nn_ if nn_ else nan,
-        )
-
-    train_acc = acc(pos_tr, neg_tr)
-    test = acc(pos_te, neg_te) if len(pos_te) + len(neg_te) else train_acc
+    train_acc = _accuracies(pos_ok, neg_ok, pos_tr, neg_tr)
+    test = _accuracies(pos_ok, neg_ok, pos_te, neg_te) if len(pos_te) + len(neg_te) else train_acc
     return CAVResult(
         vector=v,
         bias=float(bias),
