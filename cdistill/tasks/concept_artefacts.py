@@ -22,7 +22,7 @@ from cdistill.objective.config import ConceptsConfig, PrototypeConfig
 from cdistill.objective.prototypes import PrototypeFitter, Prototypes
 from cdistill.tasks.erasing import ErasureMixin
 from cdistill.teacher.feature_cache import cached_tensors, fingerprint
-from cdistill.teacher.stage import map_concept_sets
+from cdistill.teacher.stage import cav_space, map_concept_sets
 from cdistill.utils.artefacts import broadcast_bank, broadcast_buffers
 from cdistill.utils.capture import capture, collect_activations, eval_mode
 
@@ -158,8 +158,8 @@ class ConceptArtefactsMixin(ErasureMixin):
             for row in stage.fit.history:
                 lg.log_metrics({f"teacher/map_{k}": v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
         log.info("CAV held-out accuracy, student space %.3f vs mapped teacher space %.3f; using %s space",
-                 m["cav/acc_student"], m["cav/acc_teacher"], cfg.get("cav_space", "teacher"))
-        if cfg.get("cav_space", "teacher") == "teacher":
+                 m["cav/acc_student"], m["cav/acc_teacher"], cav_space(cfg))
+        if cav_space(cfg) == "teacher":
             return t_bank, t_index
         return bank, index
 

@@ -165,7 +165,7 @@ class ConceptDistillModule(ConceptArtefactsMixin):
             labels: ``[B]`` true classes.
             num_classes: Number of logits.
         """
-        target = str(self.hparams.get("target", "logprob"))
+        target = str(self.hparams["target"])
         if target != "random":
             return labels, target
         drawn = torch.randint(0, num_classes, labels.shape, generator=self.rng)
