@@ -1,5 +1,6 @@
 """LightningDataModules: the biased-MNIST benchmarks (ColorMNIST, DecoyMNIST, TextureMNIST,
-MarkerMNIST) and the faces (BFFHQ read from disk, and its drawn offline proxy)."""
+MarkerMNIST), the faces (BFFHQ read from disk, and its drawn offline proxy), and any dataset given
+as a folder of images with a metadata CSV (``folder``)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ import pytorch_lightning as pl
 from cdistill.errors import unknown_name
 from datamodules.bffhq import BFFHQDataModule
 from datamodules.biased_mnist import BiasedMNISTDataModule
+from datamodules.celeba import CelebADataModule
 from datamodules.color_mnist import PALETTE, ColorMNISTDataModule
 from datamodules.dataset import BiasedDigitsDataset
 from datamodules.decoy_mnist import DecoyMNISTDataModule
 from datamodules.faces_proxy import FacesProxyDataModule
+from datamodules.folder import FolderDataModule
 from datamodules.marker_mnist import MarkerMNISTDataModule
 from datamodules.sampler import EpochSeededSampler
 from datamodules.texture_mnist import TextureMNISTDataModule
+from datamodules.waterbirds import WaterbirdsDataModule
 
 #: Dataset name (the ``data=`` config choice) -> datamodule class.
 DATAMODULES: dict[str, type[pl.LightningDataModule]] = {
@@ -26,6 +30,9 @@ DATAMODULES: dict[str, type[pl.LightningDataModule]] = {
     "marker_mnist": MarkerMNISTDataModule,
     "bffhq": BFFHQDataModule,
     "faces_proxy": FacesProxyDataModule,
+    "folder": FolderDataModule,
+    "waterbirds": WaterbirdsDataModule,
+    "celeba": CelebADataModule,
 }
 
 
@@ -46,11 +53,14 @@ __all__ = [
     "BFFHQDataModule",
     "BiasedDigitsDataset",
     "BiasedMNISTDataModule",
+    "CelebADataModule",
     "ColorMNISTDataModule",
     "DecoyMNISTDataModule",
     "EpochSeededSampler",
     "FacesProxyDataModule",
+    "FolderDataModule",
     "MarkerMNISTDataModule",
     "TextureMNISTDataModule",
+    "WaterbirdsDataModule",
     "create_datamodule",
 ]

@@ -94,6 +94,10 @@ def test_debug_options(make_cfg: MakeCfg, name: str) -> None:
 def test_experiment_options_compose(make_cfg: MakeCfg, name: str) -> None:
     cfg = make_cfg(f"experiment={name}")
     missing = sorted(OmegaConf.missing_keys(cfg.model))
+    if missing == ["model.student.init_path"]:  # the local ImageNet weights of a ResNet-50 experiment
+        with pytest.raises(Exception, match=r"init_path"):
+            hydra.utils.instantiate(cfg.model)
+        return
     if missing:  # a value the user must give (a local teacher checkpoint): a clear error names it
         assert missing == ["model.teacher.checkpoint_path"], missing
         with pytest.raises(Exception, match=r"model\.teacher\.checkpoint_path is not set"):

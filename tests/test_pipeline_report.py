@@ -68,3 +68,15 @@ def test_summary_metrics_carry_the_sweep_objective() -> None:
     assert metrics["cd/paper/test/acc"] == pytest.approx(0.65)  # same scale as metrics.json
     assert metrics["cd/paper/test/acc_std"] == pytest.approx(0.070711, abs=1e-5)
     assert metrics["cd/tcav_p"] == pytest.approx(7.7e-05) and metrics["base/tcav"] == pytest.approx(0.9)
+
+
+def test_worst_group_rows_and_the_worst_protocol_reach_the_table(tmp_path: Path) -> None:
+    seed = {"seed": 0,
+            "base": {"worst/test/acc": 0.7, "worst/test/acc_worst_group": 0.25, "worst/test/acc_group_mean": 0.6},
+            "cd": {"worst/test/acc": 0.8, "worst/test/acc_worst_group": 0.5, "worst/test/acc_group_mean": 0.7}}
+    rows = summarize([seed], ["worst"])
+    by_key = {r["key"]: r for r in rows}
+    assert by_key["worst/test/acc_worst_group"]["base_mean"] == pytest.approx(25.0)
+    assert by_key["worst/test/acc_group_mean"]["cd_mean"] == pytest.approx(70.0)
+    text = write_report(rows, [seed], tmp_path, "t")
+    assert "worst (label, bias) group (worst selection)" in text

@@ -32,6 +32,7 @@ from cdistill.cli.tcav_report import summary, tcav_table
 from cdistill.cli.train import CONF_DIR, STUDENT_FILE, instantiate, instantiate_group, train
 from cdistill.errors import CdistillError, exit_on_error
 from cdistill.models.students import create_student
+from cdistill.objective.config import ConceptsConfig
 from cdistill.utils.formatting import format_mean_std, mean_std
 
 log = logging.getLogger(__name__)
@@ -90,10 +91,12 @@ def bias_tcav(model: torch.nn.Module, cfg: DictConfig, datamodule: Any) -> dict[
         classes) and ``tcav_significant`` (fraction of classes with corrected p < 0.05).
     """
     tc = cfg.pipeline.tcav
+    concepts = OmegaConf.to_container(cfg.model.concepts, resolve=True)
+    assert isinstance(concepts, dict)
     scores = tcav_table(
         model, datamodule, str(cfg.model.concepts.spec), str(tc.get("layer") or cfg.model.layer),
         [str(tc.concept)], random=str(tc.random), target=str(tc.target),
-        solver=str(cfg.model.concepts.get("solver", "logistic")),
+        solver=ConceptsConfig.from_dict(concepts).cav.solver,
     )
     return summary(scores)
 
@@ -109,6 +112,8 @@ ROWS = [
     ("test/acc", "test acc"),
     ("test/acc_aligned", "test acc, bias-aligned"),
     ("test/acc_conflicting", "test acc, bias-conflicting"),
+    ("test/acc_worst_group", "test acc, worst (label, bias) group"),
+    ("test/acc_group_mean", "test acc, mean over (label, bias) groups"),
 ]
 #: Units of the summary: accuracies in percent; TCAV scores and shares as fractions in [0, 1];
 #: p-values as probabilities (printed in scientific notation).

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from cdistill.concepts import load_spec, preprocess
+from cdistill.concepts.cav import DEFAULT_SOLVER
 from cdistill.concepts.tcav import benjamini_hochberg, holm, run_tcav
 from cdistill.errors import CdistillError
 from cdistill.utils.capture import collect_activations, eval_mode
@@ -50,7 +51,7 @@ def tcav_table(
     *,
     random: str = "random",
     target: str = "logit",
-    solver: str = "logistic",
+    solver: str = DEFAULT_SOLVER,
     split: str = "val",
     correction: str = "holm",
 ) -> list[ConceptScore]:
@@ -159,7 +160,7 @@ class TCAVCallback(pl.Callback):
         concepts: Sequence[str],
         random: str = "random",
         target: str = "logit",
-        solver: str = "logistic",
+        solver: str = DEFAULT_SOLVER,
         correction: str = "holm",
         every_n_epochs: int = 1,
         output_dir: str | None = None,

@@ -24,7 +24,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
 from cdistill.errors import CdistillError, exit_on_error
-from cdistill.models.students import check_input_channels
+from cdistill.models.students import check_input_channels, check_input_size
 from cdistill.utils.checkpoint_files import check_resume_checkpoint
 from cdistill.utils.checkpointing import LastCheckpoint
 from cdistill.utils.resolvers import register_resolvers
@@ -352,6 +352,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     check_input_channels(model.student, datamodule.num_channels, cfg.model.student.name)
+    if isinstance(getattr(model.student, "image_size", None), int):  # a student with a fixed input side
+        check_input_size(model.student, int(datamodule.image_size), cfg.model.student.name)
     model.run_config = OmegaConf.to_yaml(cfg, resolve=True)
 
     check_trainer_limits(cfg.trainer)

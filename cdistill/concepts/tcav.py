@@ -25,12 +25,14 @@ import torch
 from scipy import stats
 from torch import Tensor, nn
 
-from cdistill.concepts.cav import CAVResult, fit_cav, gate_cavs
+from cdistill.concepts.cav import DEFAULT_SOLVER, CAVResult, fit_cav, gate_cavs
 from cdistill.errors import CdistillError, unknown_name
+from cdistill.objective.losses import LOGIT_TARGETS
 from cdistill.utils.capture import capture, eval_mode
 
 TargetFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-TARGETS = ("logprob", "logit")
+#: The targets TCAV differentiates: the first two of :data:`cdistill.objective.losses.TARGETS`.
+TARGETS = LOGIT_TARGETS[:2]
 
 
 def _target_values(target: str | TargetFn, act: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
@@ -272,6 +274,16 @@ class TCAVResult:
         return self.p_value <= alpha
 
 
+def _runs(n_sets: int, n_runs: int | None) -> int:
+    """The number of TCAV runs (``n_runs``, default every random set), checked against ``n_sets``."""
+    if n_sets < 2:
+        raise CdistillError(f"TCAV significance needs at least 2 random negative sets, got {n_sets}.")
+    runs = n_sets if n_runs is None else n_runs
+    if not 2 <= runs <= n_sets:
+        raise CdistillError(f"n_runs must be in [2, {n_sets}] (the number of random sets), got {runs}.")
+    return runs
+
+
 def run_tcav(
     model: nn.Module,
     layer: str,
@@ -279,7 +291,7 @@ def run_tcav(
     labels: Tensor | int | None,
     concept_acts: Tensor,
     random_sets_acts: Sequence[Tensor],
-    solver: str = "logistic",
+    solver: str = DEFAULT_SOLVER,
     target: str | TargetFn = "logprob",
     n_runs: int | None = None,
     *,
@@ -318,13 +330,7 @@ def run_tcav(
         A :class:`TCAVResult`.
     """
     n_sets = len(random_sets_acts)
-    if n_sets < 2:
-        raise CdistillError(
-            f"TCAV significance needs at least 2 random negative sets, got {n_sets}."
-        )
-    runs = n_sets if n_runs is None else n_runs
-    if not 2 <= runs <= n_sets:
-        raise CdistillError(f"n_runs must be in [2, {n_sets}] (the number of random sets), got {runs}.")
+    runs = _runs(n_sets, n_runs)
     grads = target_gradients(model, layer, inputs, labels, target, batch_size=batch_size)
 
     concept_cavs: list[CAVResult] = []

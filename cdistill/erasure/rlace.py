@@ -68,6 +68,27 @@ def _loss(logits: Tensor, y: Tensor) -> Tensor:
     return nn.functional.cross_entropy(logits, y)
 
 
+def _standardise(x: Tensor, affine: bool) -> tuple[Tensor, Tensor]:
+    """``x [N, d]`` centred (on its mean when ``affine``) and scaled to unit RMS, in float32,
+    and the float64 mean ``[d]`` (zeros without ``affine``)."""
+    x64 = x.to(torch.float64)
+    mean = x64.mean(0) if affine else x64.new_zeros(x.shape[1])
+    xs = (x64 - mean).to(torch.float32)  # centre in float64: offsets would eat float32 digits
+    # A global scale leaves orthogonal projections unchanged but makes step sizes scale-free.
+    return xs / xs.pow(2).mean().sqrt().clamp_min(1e-12), mean
+
+
+def _fresh_probe_score(xs: Tensor, y_fit: Tensor, y_eval: Tensor, k: int, u: Tensor) -> tuple[float, float]:
+    """Loss and accuracy of a fresh probe fitted on the first ``len(y_fit)`` rows of ``xs`` with
+    the directions ``u [d, rank]`` projected out, evaluated on the rest."""
+    xp = xs - (xs @ u) @ u.T
+    half = len(y_fit)
+    probe = fit_logistic(xp[:half], y_fit, k, max_iter=50)
+    with torch.no_grad():
+        loss = float(_loss(probe.logits(xp[half:]), y_eval))
+    return loss, probe.accuracy(xp[half:], y_eval)
+
+
 def fit_rlace(
     x: Tensor,
     z: Tensor,
@@ -113,11 +134,7 @@ def fit_rlace(
         raise CdistillError(f"RLACE rank must lie in [1, {d - 1}]; got {rank}.")
     k = class_count(z, num_classes)
     gen = torch.Generator().manual_seed(seed)
-    x64 = x.to(torch.float64)
-    mean = x64.mean(0) if affine else x64.new_zeros(d)
-    xs = (x64 - mean).to(torch.float32)  # centre in float64: offsets would eat float32 digits
-    # A global scale leaves orthogonal projections unchanged but makes step sizes scale-free.
-    xs = xs / xs.pow(2).mean().sqrt().clamp_min(1e-12)
+    xs, mean = _standardise(x, affine)
     y = z.to(x.device).long()
     c = 1 if k == 2 else k
 
@@ -136,14 +153,6 @@ def fit_rlace(
     fit_idx, eval_idx = perm[: len(perm) // 2], perm[len(perm) // 2 :]
     best_u, best_loss = _top_k(a.detach(), rank), -float("inf")
 
-    def score(u: Tensor) -> tuple[float, float]:
-        xp = xs[perm] - (xs[perm] @ u) @ u.T
-        half = len(fit_idx)
-        probe = fit_logistic(xp[:half], y[fit_idx], k, max_iter=50)
-        with torch.no_grad():
-            loss = float(_loss(probe.logits(xp[half:]), y[eval_idx]))
-        return loss, probe.accuracy(xp[half:], y[eval_idx])
-
     with torch.enable_grad():
         for step in range(1, n_steps + 1):
             idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(x.device)
@@ -159,7 +168,7 @@ def fit_rlace(
                 a.copy_(fantope_project(a, rank))
             if step % eval_every == 0 or step == n_steps:
                 u = _top_k(a.detach(), rank)
-                loss, acc = score(u)
+                loss, acc = _fresh_probe_score(xs[perm], y[fit_idx], y[eval_idx], k, u)
                 log.debug("RLACE step %d: fresh-probe loss %.4f acc %.4f", step, loss, acc)
                 if loss > best_loss:
                     best_u, best_loss = u, loss

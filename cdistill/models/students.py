@@ -25,13 +25,13 @@ register_student = STUDENTS.register
 
 
 @register_student("mnist_cnn")
-def _mnist_cnn(in_chans: int = 3, num_classes: int = 10) -> nn.Module:
-    return MnistCNN(in_chans=in_chans, num_classes=num_classes)
+def _mnist_cnn(in_chans: int = 3, num_classes: int = 10, image_size: int = 28) -> nn.Module:
+    return MnistCNN(in_chans=in_chans, num_classes=num_classes, image_size=image_size)
 
 
 @register_student("mnist_cnn_gray")
-def _mnist_cnn_gray(in_chans: int = 1, num_classes: int = 10) -> nn.Module:
-    return MnistCNN(in_chans=in_chans, num_classes=num_classes)
+def _mnist_cnn_gray(in_chans: int = 1, num_classes: int = 10, image_size: int = 28) -> nn.Module:
+    return MnistCNN(in_chans=in_chans, num_classes=num_classes, image_size=image_size)
 
 
 def first_conv(model: nn.Module) -> nn.Conv2d | None:
@@ -47,6 +47,17 @@ def check_input_channels(model: nn.Module, channels: int, model_name: str = "stu
             f"The data gives {channels}-channel images but {model_name} expects "
             f"{conv.in_channels} channels. Set model.student.in_chans={channels} "
             f"(or use a model built for {channels}-channel input)."
+        )
+
+
+def check_input_size(model: nn.Module, size: int, model_name: str = "student") -> None:
+    """Raise a clear error when ``model`` declares a fixed input side (an ``image_size``
+    attribute, as the MNIST CNN has) other than the data's ``size``."""
+    own = getattr(model, "image_size", None)
+    if isinstance(own, int) and own != int(size):
+        raise CdistillError(
+            f"The data gives {size}x{size} images but {model_name} was built for {own}x{own}. "
+            f"Set model.student.image_size={size} (or data.image_size={own} where the data has it)."
         )
 
 
@@ -123,8 +134,15 @@ def _torchvision_student(name: str, num_classes: int, in_chans: int, pretrained:
     return model
 
 
+def head_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the model's last ``nn.Linear`` (its classifier head), if any."""
+    heads = [path for path, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return {f"{heads[-1]}.{p}" for p, _ in model.get_submodule(heads[-1]).named_parameters()} if heads else set()
+
+
 def load_weights(
-    model: nn.Module, checkpoint_path: str | Path, *, role: str = "student", key: str = "model.student.checkpoint_path"
+    model: nn.Module, checkpoint_path: str | Path, *, role: str = "student", key: str = "model.student.checkpoint_path",
+    fresh_head: bool = False,
 ) -> None:
     """Load a local state dict (plain, or a cdistill/Lightning checkpoint) into ``model``.
 
@@ -135,6 +153,8 @@ def load_weights(
         checkpoint_path: The file.
         role: ``student`` or ``teacher`` (for error messages).
         key: The config key that gave the path (for error messages).
+        fresh_head: Keep the model's own classifier head (its last ``nn.Linear``) where the
+            file's has another shape, e.g. ImageNet weights (1000 classes) for a 2-class task.
     """
     path = Path(checkpoint_path).expanduser()
     if not path.is_file():
@@ -151,6 +171,10 @@ def load_weights(
     if any(k.startswith("student.") for k in state):
         state = {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}
     own = model.state_dict()
+    if fresh_head:
+        head = head_keys(model)
+        state = {k: v for k, v in state.items() if k not in head or tuple(v.shape) == tuple(own[k].shape)}
+        state |= {k: own[k] for k in head if k not in state}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [
@@ -174,6 +198,7 @@ def create_student(
     in_chans: int | None = None,
     pretrained: bool = False,
     checkpoint_path: str | None = None,
+    init_path: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a student model by name.
@@ -184,7 +209,10 @@ def create_student(
         num_classes: Number of output logits.
         in_chans: Input image channels (None: the model's own default, 3 for library models).
         pretrained: Fetch library weights from the hub (needs network; off by default).
-        checkpoint_path: Local state dict to load after construction.
+        checkpoint_path: Local state dict to load after construction (the whole model).
+        init_path: Local weights to start from when no ``checkpoint_path`` is given, e.g. a
+            torchvision ImageNet file: every tensor must match except the classifier head,
+            which stays freshly initialised where its shape differs (another class count).
         **kwargs: Passed to the underlying constructor.
 
     Returns:
@@ -216,4 +244,6 @@ def create_student(
         model = _timm_student(timm_name, num_classes, in_chans or 3, pretrained, **kwargs)
     if checkpoint_path:
         load_weights(model, checkpoint_path)
+    elif init_path:
+        load_weights(model, init_path, key="model.student.init_path", fresh_head=True)
     return model

@@ -39,7 +39,15 @@ def prototype_gradient(acts: Tensor, pbar: Tensor) -> Tensor:
     return acts.reshape(acts.shape[0], -1) - pbar
 
 
-LOGIT_TARGETS = ("logprob", "logit", "margin", "random")
+#: Every scalar whose gradient a concept term aligns with the CAVs, or TCAV differentiates:
+#: ``logprob`` (log p(y|x)), ``logit`` (z_y), ``margin`` (z_y - logsumexp of the others),
+#: ``random`` (z_k, k drawn per sample; of a reconstruction branch: <u, output>, u Gaussian),
+#: ``loss`` (a reconstruction branch's own loss) and ``output`` (½||branch output||²).
+TARGETS = ("logprob", "logit", "margin", "random", "loss", "output")
+#: The targets of a classifier's logits (:func:`logit_target`).
+LOGIT_TARGETS = TARGETS[:4]
+#: The targets of a reconstruction branch (:class:`~cdistill.tasks.intrinsic.IntrinsicModule`).
+BRANCH_TARGETS = TARGETS[3:]
 
 
 def logit_target(logits: Tensor, labels: Tensor, target: str = "logprob", generator: torch.Generator | None = None) -> Tensor:

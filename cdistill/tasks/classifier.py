@@ -221,8 +221,9 @@ class ClassifierModule(EvalSplitsModule):
 
     Logs ``train/loss``, ``train/acc`` and, for every evaluation split the datamodule names
     (``val``, ``val_reversed``, ``test``, ``test_random_color`` ...), ``<split>/loss``,
-    ``<split>/acc``, ``<split>/acc_aligned``, ``<split>/acc_conflicting`` and
-    ``<split>/acc_bias<k>``.
+    ``<split>/acc``, ``<split>/acc_aligned``, ``<split>/acc_conflicting``,
+    ``<split>/acc_bias<k>``, and over the ``(label, bias)`` groups ``<split>/acc_worst_group``
+    and ``<split>/acc_group_mean`` (samples with bias -1 count in no group).
 
     Args:
         student: Keyword arguments of :func:`cdistill.models.students.create_student` (``name`` ...).
@@ -277,7 +278,7 @@ class ClassifierModule(EvalSplitsModule):
                 self.eval_metrics[name] = MetricCollection(
                     {
                         "acc": MulticlassAccuracy(num_classes=self.hparams["num_classes"], average="micro"),
-                        "groups": BiasGroupAccuracy(self.hparams["num_bias_groups"]),
+                        "groups": BiasGroupAccuracy(self.hparams["num_bias_groups"], self.hparams["num_classes"]),
                         "loss": MeanMetric(),
                     },
                     compute_groups=False,

@@ -33,15 +33,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.image import StructuralSimilarityIndexMeasure
 
-from cdistill.concepts.cav import CAVBank, fit_cav
+from cdistill.concepts.cav import CAVBank
 from cdistill.errors import CdistillError
 from cdistill.models.iid_net import create_iid_net
-from cdistill.objective.losses import CAV_MODES, DIRECTIONS, concept_loss, position_gradients
+from cdistill.objective.cav_fitter import CAVFitter, difference_rows
+from cdistill.objective.config import IID_CAV, ConceptsConfig, term_name
+from cdistill.objective.losses import BRANCH_TARGETS, concept_loss, position_gradients
 from cdistill.tasks.classifier import EvalSplitsModule, to_plain
 from cdistill.tasks.iid_metrics import lmse, ls_scale, si_mse
 from cdistill.utils.artefacts import broadcast_bank, broadcast_buffers
@@ -50,12 +51,9 @@ from cdistill.utils.capture import capture, collect_activations, resolve_module
 log = logging.getLogger(__name__)
 Batch = Mapping[str, Tensor]
 BRANCHES = {"r": ("reflectance", 0), "s": ("shading", 1)}
-TARGETS = ("loss", "output", "random")
-
-
-def term_name(term: Mapping[str, Any]) -> str:
-    """Log name of a concept term: ``name`` or ``<branch>_<concept>``."""
-    return str(term.get("name") or f"{term['branch']}_{term['concept']}")
+TARGETS = BRANCH_TARGETS
+#: Keys every intrinsic concept term names.
+TERM_KEYS = ("branch", "layer", "concept", "negative")
 
 
 class IntrinsicModule(EvalSplitsModule):
@@ -70,19 +68,16 @@ class IntrinsicModule(EvalSplitsModule):
         target: ``loss`` (``∇_a`` of the branch's reconstruction loss), ``output``
             (``∇_a ½||branch output||²``) or ``random`` (``∇_a <u, branch output>``, ``u``
             Gaussian); see the module docstring.
-        concepts: ``terms`` (list of ``{branch: r|s, layer, concept, negative, direction,
-            weight, name}``; ``concept``/``negative`` in ``illumination``, ``material``),
-            ``solver`` (``mean_diff``, ``logistic`` ...), ``min_accuracy`` (gate),
-            ``test_fraction``, ``num_pairs`` (pairs per concept set; 0: the datamodule's) and
-            ``refit_every_n_epochs`` (0: CAVs fitted once when training starts; ``n``: refitted
-            on the current model at the start of every ``n``-th epoch, so they follow the
-            representation as it trains from scratch), ``refit_every_n_steps`` (likewise every
-            ``n`` optimiser steps: the student quickly moves the concept to directions a frozen
-            CAV does not cover), ``cav_mode``: ``flatten`` (one CAV on
-            the flattened map) or ``position`` (one CAV in the ``C``-dim channel space, fitted
-            on the per-position channel vectors of the differences, at most ``max_rows`` rows;
-            the loss is the gradient-norm-weighted cosine at every position, see
-            :func:`cdistill.objective.losses.concept_loss`).
+        concepts: :class:`~cdistill.objective.config.ConceptsConfig` as a dict: ``terms`` (each
+            names ``branch`` (r|s), ``layer``, ``concept`` and ``negative``, in
+            ``illumination``, ``material``), ``num_pairs`` (pairs per concept set; 0: the
+            datamodule's) and the CAV keys, with the defaults of
+            :data:`~cdistill.objective.config.IID_CAV` (``mean_diff``; a refit replaces the
+            CAVs). ``refit_every_n_epochs`` / ``refit_every_n_steps`` refit them on the current
+            model (they follow the representation as it trains from scratch; the student quickly
+            moves the concept to directions a frozen CAV does not cover). ``cav_mode``
+            ``position``: one CAV in the ``C``-dim channel space of the per-position differences
+            (at most ``max_rows`` rows), the loss the gradient-norm-weighted cosine at every position.
         lmse_window: LMSE window side (the MIT protocol's 20 suits ~250 px images).
         fit_batch_size: Batch size for collecting activations.
         val_names, test_names: Evaluation split names (the datamodule's win when it has them).
@@ -103,12 +98,10 @@ class IntrinsicModule(EvalSplitsModule):
     ) -> None:
         super().__init__()
         concepts = dict(to_plain(concepts) or {})
-        terms = [dict(t) for t in concepts.get("terms") or []]
         if target not in TARGETS:
             raise CdistillError(f"model.target={target!r}: use one of {TARGETS}.")
-        if concepts.get("cav_mode", "flatten") not in CAV_MODES:
-            raise CdistillError(f"model.concepts.cav_mode={concepts['cav_mode']!r}: use one of {CAV_MODES}.")
-        if lambda_c > 0 and not terms:
+        self.concepts_cfg = ConceptsConfig.from_dict(concepts, base=IID_CAV, required=TERM_KEYS)
+        if lambda_c > 0 and not self.concepts_cfg.terms:
             raise CdistillError("model.lambda_c > 0 but model.concepts.terms is empty: name at least one term.")
         self.save_hyperparameters({
             "student": dict(to_plain(student)), "optimizer": dict(to_plain(optimizer)),
@@ -117,22 +110,17 @@ class IntrinsicModule(EvalSplitsModule):
             "val_names": list(val_names), "test_names": list(test_names),
         })
         self.student = create_iid_net(**self.hparams["student"])
-        for t in terms:
-            missing = [k for k in ("branch", "layer", "concept", "negative") if k not in t]
-            if missing:
-                raise CdistillError(f"Concept term {t} lacks {missing}: give branch, layer, concept and negative.")
-            if t.get("branch") not in BRANCHES:
-                raise CdistillError(f"Concept term {t}: branch must be one of {sorted(BRANCHES)}.")
-            if t.get("direction", "desensitize") not in DIRECTIONS:
-                raise CdistillError(f"Concept term {t}: direction must be one of {DIRECTIONS}.")
-            resolve_module(self.student, str(t["layer"]))  # a wrong layer fails now, listing close names
-        self.terms = terms
+        for t in self.concepts_cfg.terms:
+            if t.branch not in BRANCHES:
+                raise CdistillError(f"Concept term {t.to_dict()}: branch must be one of {sorted(BRANCHES)}.")
+            resolve_module(self.student, str(t.layer))  # a wrong layer fails now, listing close names
+        terms = self.concepts_cfg.terms
+        self.terms = [t.to_dict() for t in terms]
+        self.cav_fitter = CAVFitter(self.concepts_cfg.cav, terms)
         self.cavs = CAVBank()
         self.register_buffer("cav_rows", torch.full((len(terms),), -1, dtype=torch.long))
-        self.register_buffer("term_weights", torch.tensor([float(t.get("weight", 1.0)) for t in terms]))
-        self.register_buffer(
-            "sensitize", torch.tensor([t.get("direction", "desensitize") == "sensitize" for t in terms], dtype=torch.bool)
-        )
+        self.register_buffer("term_weights", torch.tensor([float(t.weight) for t in terms]))
+        self.register_buffer("sensitize", torch.tensor([t.direction == "sensitize" for t in terms], dtype=torch.bool))
         self.register_buffer("artefacts_fitted", torch.tensor(False))
         self.eval_metrics = nn.ModuleDict()
         self._build_eval_metrics([*val_names, *test_names])
@@ -146,28 +134,20 @@ class IntrinsicModule(EvalSplitsModule):
     # ------------------------------------------------------------------ concept artefacts
     @property
     def cav_mode(self) -> str:
-        return str(self.hparams["concepts"].get("cav_mode", "flatten"))
+        return self.concepts_cfg.cav.cav_mode
 
     def _activation_differences(self, pairs: Mapping[str, tuple[Tensor, Tensor]], layer: str) -> dict[str, Tensor]:
-        """``{set: a(after) - a(before)}`` at ``layer``: ``[n, d]`` (flattened), or ``[m, C]``
-        per-position channel vectors (``cav_mode=position``, a seeded subset of at most
-        ``max_rows`` rows)."""
+        """``{set: a(after) - a(before)}`` at ``layer`` as CAV rows (see
+        :func:`cdistill.objective.cav_fitter.difference_rows`)."""
         bs = int(self.hparams["fit_batch_size"])
-        position = self.cav_mode == "position"
         out = {}
         for i, (name, (before, after)) in enumerate(pairs.items()):
             acts = [
-                collect_activations(self.student, layer, [x[j : j + bs] for j in range(0, len(x), bs)], flatten=not position)
+                collect_activations(self.student, layer, [x[j : j + bs] for j in range(0, len(x), bs)],
+                                    flatten=self.cav_mode != "position")
                 for x in (before, after)
             ]
-            diff = acts[1] - acts[0]
-            if position:
-                diff = diff.flatten(2).transpose(1, 2).reshape(-1, diff.shape[1])  # [n * P, C]
-                keep = int(self.hparams["concepts"].get("max_rows", 20000))
-                if len(diff) > keep:
-                    gen = torch.Generator().manual_seed(i)
-                    diff = diff[torch.randperm(len(diff), generator=gen)[:keep].to(diff.device)]
-            out[name] = diff
+            out[name] = difference_rows(acts[1] - acts[0], self.concepts_cfg.cav, seed=i)
         return out
 
     def fit_cavs(self, pairs: Mapping[str, tuple[Tensor, Tensor]]) -> tuple[CAVBank, Tensor]:
@@ -176,37 +156,24 @@ class IntrinsicModule(EvalSplitsModule):
         Returns:
             The bank and ``cav_rows [T]`` (the bank row of each term; -1 below the gate).
         """
-        cfg = self.hparams["concepts"]
-        bank, rows = CAVBank(), torch.full_like(self.cav_rows, -1)
-        min_acc = float(cfg.get("min_accuracy", 0.7))
-        for t, term in enumerate(self.terms):
-            diffs = self._activation_differences(pairs, str(term["layer"]))
-            for key in ("concept", "negative"):
-                if term[key] not in diffs:
-                    raise CdistillError(f"Concept term {term_name(term)!r}: {key} {term[key]!r} is not one of {sorted(diffs)}.")
-            res = fit_cav(
-                diffs[term["concept"]], diffs[term["negative"]], str(cfg.get("solver", "mean_diff")),
-                test_fraction=float(cfg.get("test_fraction", 0.3)), seed=0,
-                concept=str(term["concept"]), negative=str(term["negative"]), layer=str(term["layer"]),
-            )
-            if res.accuracy < min_acc:
-                rank_zero_warn(f"CAV of term {term_name(term)!r} has held-out accuracy {res.accuracy:.3f} < {min_acc}: skipped.")
-                continue
-            rows[t] = bank.add(res)
-        if self.terms and bool((rows < 0).all()):
-            raise CdistillError("Every IID CAV fell below the accuracy gate (model.concepts.min_accuracy); try other layers.")
-        return bank, rows
+        bank, index = self.cav_fitter.fit(lambda layer: self._activation_differences(pairs, layer))
+        return bank, index[:, 0].to(self.cav_rows.device)
 
-    def fit_artefacts(self, datamodule: Any) -> None:
-        """Fit the CAVs on the current model, then give every rank rank 0's values."""
-        n = int(self.hparams["concepts"].get("num_pairs") or 0) or None
-        pairs = {k: (a.to(self.device), b.to(self.device)) for k, (a, b) in datamodule.concept_pairs(n).items()}
-        bank, rows = self.fit_cavs(pairs)
+    def _concept_pairs(self, datamodule: Any) -> dict[str, tuple[Tensor, Tensor]]:
+        n = self.concepts_cfg.num_pairs or None
+        return {k: (a.to(self.device), b.to(self.device)) for k, (a, b) in datamodule.concept_pairs(n).items()}
+
+    def _set_cavs(self, bank: CAVBank, rows: Tensor) -> None:
+        """Adopt ``bank`` and ``rows``, then give every rank rank 0's values."""
         self.cavs, self.cav_rows = bank.to(self.device), rows.to(self.device)
         log.info("fitted %d IID CAVs: accuracies %s", len(bank), [round(float(a), 3) for a in bank.accuracies])
         broadcast_bank(self._trainer, self.cavs, self.device)
         broadcast_buffers(self._trainer, [(self, "cav_rows")], self.device)
         self.artefacts_fitted = torch.tensor(True, device=self.device)
+
+    def fit_artefacts(self, datamodule: Any) -> None:
+        """Fit the CAVs on the current model, then give every rank rank 0's values."""
+        self._set_cavs(*self.fit_cavs(self._concept_pairs(datamodule)))
 
     def on_fit_start(self) -> None:
         # CAVs restored from a checkpoint are kept: resuming must not refit them.
@@ -214,24 +181,23 @@ class IntrinsicModule(EvalSplitsModule):
             self.fit_artefacts(self.trainer.datamodule)  # type: ignore[attr-defined]
 
     def refit(self) -> None:
-        """Refit the CAVs on the current model; when every CAV falls below the gate, keep the
-        previous ones (warned) rather than stop training. Every rank holds the same weights
-        and renders the same pairs, so all ranks take the same branch."""
-        try:
-            self.fit_artefacts(self.trainer.datamodule)  # type: ignore[attr-defined]
-        except CdistillError as err:
-            rank_zero_warn(f"CAV refit at step {self.global_step} skipped, keeping the previous CAVs: {err}")
+        """Refit the CAVs on the current model (they replace the running ones, see
+        :meth:`cdistill.objective.cav_fitter.CAVFitter.refresh`); when every CAV falls below the
+        gate, keep the previous ones (warned) rather than stop training. Every rank holds the
+        same weights and renders the same pairs, so all ranks take the same branch."""
+        dm = self.trainer.datamodule  # type: ignore[attr-defined]
+        bank, rows = self.cav_fitter.refresh(
+            self.cavs, self.cav_rows, lambda: self.fit_cavs(self._concept_pairs(dm)), when=f"at step {self.global_step}"
+        )
+        if bank is not self.cavs:
+            self._set_cavs(bank, rows)
 
     def on_train_epoch_start(self) -> None:
-        every = int(self.hparams["concepts"].get("refit_every_n_epochs", 0))
-        epoch = self.current_epoch
-        if self.hparams["lambda_c"] > 0 and every > 0 and epoch > 0 and epoch % every == 0:
+        if self.hparams["lambda_c"] > 0 and self.concepts_cfg.cav.refresh.epoch_due(self.current_epoch):
             self.refit()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        every = int(self.hparams["concepts"].get("refit_every_n_steps", 0))
-        step = self.global_step
-        if self.hparams["lambda_c"] > 0 and every > 0 and step > 0 and step % every == 0:
+        if self.hparams["lambda_c"] > 0 and self.concepts_cfg.cav.refresh.step_due(self.global_step):
             self.refit()
 
     # ------------------------------------------------------------------ objective

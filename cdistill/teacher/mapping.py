@@ -222,6 +222,21 @@ def _terms(model: MappingAutoencoder, t: Tensor, a: Tensor) -> tuple[Tensor, Ten
     return F.mse_loss(back, t), F.mse_loss(z, a)
 
 
+def _train_epoch(
+    model: MappingAutoencoder, opt: torch.optim.Optimizer, teacher: Tensor, student: Tensor, perm: Tensor, batch_size: int
+) -> dict[str, float]:
+    """One pass over the rows ``perm`` in minibatches; the mean ``recon`` and ``match`` terms."""
+    sums = torch.zeros(2)
+    for start in range(0, len(perm), batch_size):
+        idx = perm[start : start + batch_size]
+        recon, match = _terms(model, teacher[idx], student[idx])
+        opt.zero_grad(set_to_none=True)
+        (recon + match).backward()
+        opt.step()
+        sums += torch.stack([recon.detach(), match.detach()]).cpu() * len(idx)
+    return {"recon": float(sums[0]) / len(perm), "match": float(sums[1]) / len(perm)}
+
+
 def fit_mapping(
     teacher: Tensor,
     student: Tensor,
@@ -272,15 +287,7 @@ def fit_mapping(
     for epoch in range(epochs):
         model.train()
         perm = tr_idx[torch.randperm(len(tr_idx), generator=gen).to(teacher.device)]
-        sums = torch.zeros(2)
-        for start in range(0, len(perm), batch_size):
-            idx = perm[start : start + batch_size]
-            recon, match = _terms(model, teacher[idx], student[idx])
-            opt.zero_grad(set_to_none=True)
-            (recon + match).backward()
-            opt.step()
-            sums += torch.stack([recon.detach(), match.detach()]).cpu() * len(idx)
-        row = {"epoch": float(epoch), "recon": float(sums[0]) / len(perm), "match": float(sums[1]) / len(perm)}
+        row = {"epoch": float(epoch), **_train_epoch(model, opt, teacher, student, perm, batch_size)}
         model.eval()
         with torch.no_grad():
             if n_val:

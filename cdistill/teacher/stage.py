@@ -34,9 +34,15 @@ from cdistill.teacher.mapping import PCA, MappingFit, fit_mapping, fit_pca
 from cdistill.teacher.offline import ensure_digits_ae
 from cdistill.teacher.teachers import Teacher, create_teacher
 
+#: Where the CAVs are fitted with a teacher; the first is the default.
 CAV_SPACES = ("teacher", "student")
 _TEACHER_KEYS = ("checkpoint_path", "pretrained", "image_size", "mean", "std", "in_chans", "resize",
                  "prefix_tokens", "model_kwargs")
+
+
+def cav_space(cfg: Mapping[str, Any]) -> str:
+    """``model.teacher.cav_space`` (unset or null: ``teacher``)."""
+    return str(cfg.get("cav_space") or CAV_SPACES[0])
 
 
 def check_teacher_config(cfg: Mapping[str, Any]) -> None:
@@ -44,7 +50,7 @@ def check_teacher_config(cfg: Mapping[str, Any]) -> None:
     for key in ("name", "layer"):
         if not cfg.get(key):
             raise CdistillError(f"model.teacher.{key} is not set; see conf/teacher/ for examples.")
-    if cfg.get("cav_space", "teacher") not in CAV_SPACES:
+    if cav_space(cfg) not in CAV_SPACES:
         raise CdistillError(f"model.teacher.cav_space={cfg['cav_space']!r}: use one of {CAV_SPACES}.")
     cap = cfg.get("cache_max_bytes")
     if cap is not None and int(cap) < 0:

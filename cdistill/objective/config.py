@@ -1,0 +1,327 @@
+"""Typed settings of the concept objective: one home for every default.
+
+The tasks take plain dicts (Hydra config, Lightning ``hparams``, checkpoints loaded with
+``weights_only=True``) and turn them into the frozen dataclasses here with ``from_dict``; each
+class validates itself in ``__post_init__`` (a :class:`~cdistill.errors.CdistillError` that
+names the key and the fix) and writes itself back with ``to_dict``, in the YAML's own keys, so
+``from_dict(to_dict(c)) == c``. A default lives in exactly one place: the field of its class
+(or, for a task whose default differs, one named override such as :data:`IID_CAV`).
+
+Schedules (CAV refresh, eraser refit, prototype refresh) are one :class:`Every`; the YAML keys
+``<what>_every_n_steps`` / ``<what>_every_n_epochs`` stay the way to set it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from cdistill.concepts.cav import DEFAULT_SOLVER, MIN_ACCURACY, SOLVER_NAMES
+from cdistill.erasure.hooks import ErasureSpec, specs_from_config
+from cdistill.errors import CdistillError, unknown_name
+from cdistill.objective.losses import CAV_MODES, DIRECTIONS, LOGIT_TARGETS, POSITION_WEIGHTS
+
+LOCAL_MASKS = ("foreground", "corners")
+
+C = TypeVar("C")
+
+
+def _build(cls: type[C], values: Mapping[str, Any], where: str) -> C:
+    """``cls(**values)``, with an unknown key named (and close names listed) instead of a TypeError."""
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    for key in values:
+        if key not in names:
+            raise unknown_name(f"key of {where}", str(key), names, f"Remove {where}.{key} or fix its name.")
+    return cls(**values)
+
+
+def _check_choice(where: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise CdistillError(f"{where}={value!r}: use one of {choices}.")
+
+
+@dataclass(frozen=True)
+class Every:
+    """A schedule: every ``steps`` optimiser steps and/or every ``epochs`` epochs (0: never).
+
+    Args:
+        steps: Due after global step ``n · steps`` (``n >= 1``).
+        epochs: Due at epoch ``n · epochs`` (``n >= 1``; the caller says whether at its start
+            or after its last batch).
+    """
+
+    steps: int = 0
+    epochs: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "epochs"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CdistillError(f"A schedule's every_n_{key}={value!r}: use a whole number >= 0 (0: never).")
+
+    @property
+    def active(self) -> bool:
+        return self.steps > 0 or self.epochs > 0
+
+    def step_due(self, step: int) -> bool:
+        """Due after global step ``step`` (never at step 0)."""
+        return self.steps > 0 and step > 0 and step % self.steps == 0
+
+    def epoch_due(self, epoch: int) -> bool:
+        """Due at epoch ``epoch`` (never at epoch 0)."""
+        return self.epochs > 0 and epoch > 0 and epoch % self.epochs == 0
+
+    @classmethod
+    def pop(cls, cfg: dict[str, Any], *prefixes: str) -> Every:
+        """Take ``<prefix>_every_n_steps`` / ``<prefix>_every_n_epochs`` (the first prefix
+        that has a key wins; absent or null: 0) out of ``cfg``; every prefix's keys are removed."""
+        found: dict[str, int] = {}
+        for prefix in prefixes:
+            for unit in ("steps", "epochs"):
+                value = cfg.pop(f"{prefix}_every_n_{unit}", None)
+                if value is not None and unit not in found:
+                    found[unit] = int(value)
+        return cls(**found)
+
+    def to_keys(self, prefix: str) -> dict[str, int]:
+        return {f"{prefix}_every_n_steps": self.steps, f"{prefix}_every_n_epochs": self.epochs}
+
+
+@dataclass(frozen=True)
+class ConceptTerm:
+    """One concept term of the loss.
+
+    Args:
+        concept: Concept set; ``{y}`` picks each sample's class (``color_{y}``).
+        negative: Set (or ``<name>/`` pool) the concept is separated from.
+        direction: ``desensitize`` (penalise ``|cos|``) or ``sensitize``.
+        weight: Weight ``w_t`` of the term.
+        classes: Classes the term acts on (``None``: all).
+        name: Log name (default: see :func:`term_name`).
+        subspace: Penalise the component in the span of the term's CAVs instead.
+        rank: With ``subspace``: the top ``rank`` singular directions (``None``: the span).
+        branch: Reconstruction branch (``r`` or ``s``; intrinsic task only).
+        layer: Layer of the term (intrinsic task only; the distill task has one ``layer``).
+    """
+
+    concept: str
+    negative: str = "random"
+    direction: str = "desensitize"
+    weight: float = 1.0
+    classes: tuple[int, ...] | None = None
+    name: str | None = None
+    subspace: bool = False
+    rank: int | None = None
+    branch: str | None = None
+    layer: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise CdistillError(f"Concept term {self.to_dict()}: direction must be one of {DIRECTIONS}.")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise CdistillError(f"Concept term {self.to_dict()}: rank must be a whole number >= 1 (or null: the whole span).")
+
+    @classmethod
+    def from_dict(cls, term: Mapping[str, Any], required: tuple[str, ...] = ("concept",)) -> ConceptTerm:
+        missing = [k for k in required if k not in term]
+        if missing:
+            raise CdistillError(f"Concept term {dict(term)} lacks {missing}: give {', '.join(required)}.")
+        values = {k: v for k, v in term.items() if v is not None}
+        if "classes" in values:
+            values["classes"] = tuple(int(k) for k in values["classes"])
+        for key in ("concept", "negative", "layer", "branch", "name"):
+            if key in values:
+                values[key] = str(values[key])
+        return _build(cls, values, "a concept term")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["classes"] = None if self.classes is None else list(self.classes)
+        return out
+
+
+def term_name(term: ConceptTerm | Mapping[str, Any]) -> str:
+    """Log name of a concept term: its ``name``, else ``<branch>_<concept>`` (a branch term),
+    else ``concept``; ``{y}`` reads ``y`` (``color_{y}`` -> ``color_y``)."""
+    t = term if isinstance(term, ConceptTerm) else ConceptTerm.from_dict(term)
+    raw = t.name or (f"{t.branch}_{t.concept}" if t.branch else t.concept)
+    return raw.replace("{y}", "y")
+
+
+@dataclass(frozen=True)
+class CAVConfig:
+    """How CAVs are fitted, trusted and refreshed (YAML: the keys of ``model.concepts``).
+
+    Args:
+        solver: One of :data:`cdistill.concepts.cav.SOLVER_NAMES`.
+        min_accuracy: Held-out accuracy gate; a CAV below it is skipped (warned).
+        test_fraction: Share of each set held out for that accuracy.
+        refresh: Refit schedule during training (``refresh_every_n_steps`` /
+            ``refresh_every_n_epochs``; ``refit_...`` reads the same). Never: fitted once.
+        ema: Weight of a refreshed CAV in the running one (1: replaced).
+        cav_mode: ``flatten`` (one CAV on the flattened map) or ``position`` (channel space).
+        position_threshold: Position mode: content positions differ from a blank image's by
+            more than this times the maximum.
+        max_rows: Position mode: at most this many rows per set (seeded subset; ``None``: all).
+        position_weight: Position mode: ``norm`` (gradient-norm weights) or ``uniform``.
+    """
+
+    solver: str = DEFAULT_SOLVER
+    min_accuracy: float = MIN_ACCURACY
+    test_fraction: float = 0.3
+    refresh: Every = field(default_factory=Every)
+    ema: float = 0.3
+    cav_mode: str = "flatten"
+    position_threshold: float = 0.1
+    max_rows: int | None = 20000
+    position_weight: str = "norm"
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVER_NAMES:
+            raise unknown_name("CAV solver", self.solver, SOLVER_NAMES, "Set model.concepts.solver to one of these.")
+        _check_choice("model.concepts.cav_mode", self.cav_mode, CAV_MODES)
+        _check_choice("model.concepts.position_weight", self.position_weight, POSITION_WEIGHTS)
+        if not 0.0 < self.test_fraction < 1.0:
+            raise CdistillError(f"model.concepts.test_fraction={self.test_fraction}: use a fraction in (0, 1).")
+        if not 0.0 <= self.ema <= 1.0:
+            raise CdistillError(f"model.concepts.ema={self.ema}: use a weight in [0, 1] (1: replace on refresh).")
+
+
+#: The intrinsic task's CAVs: difference vectors separate well by their means, and a refit
+#: replaces the CAVs (they follow a net trained from scratch).
+IID_CAV = CAVConfig(solver="mean_diff", ema=1.0)
+_CAV_KEYS = tuple(f.name for f in dataclasses.fields(CAVConfig) if f.name != "refresh")
+
+
+@dataclass(frozen=True)
+class ConceptsConfig:
+    """``model.concepts``: the concept spec, the terms and the CAV settings.
+
+    Args:
+        spec: Concept-set YAML (distill task; ``None`` for the intrinsic task's pairs).
+        terms: The concept terms.
+        cav: CAV settings.
+        num_pairs: Intrinsic task: concept pairs per set (0: the datamodule's).
+    """
+
+    spec: str | None = None
+    terms: tuple[ConceptTerm, ...] = ()
+    cav: CAVConfig = field(default_factory=CAVConfig)
+    num_pairs: int = 0
+
+    @classmethod
+    def from_dict(
+        cls, cfg: Mapping[Any, Any] | None, base: CAVConfig | None = None, required: tuple[str, ...] = ("concept",)
+    ) -> ConceptsConfig:
+        """Parse the flat YAML form; CAV keys not given take ``base``'s values (default: :class:`CAVConfig`'s)."""
+        rest = {str(k): v for k, v in (cfg or {}).items() if v is not None}  # null: the default
+        refresh = Every.pop(rest, "refresh", "refit")
+        cav: dict[str, Any] = {k: rest.pop(k) for k in _CAV_KEYS if k in rest}
+        if refresh.active:
+            cav["refresh"] = refresh
+        terms = tuple(ConceptTerm.from_dict(t, required) for t in rest.pop("terms", None) or ())
+        keys = ("spec", "terms", "num_pairs", *_CAV_KEYS, *Every().to_keys("refresh"), *Every().to_keys("refit"))
+        for key in rest:
+            if key not in ("spec", "num_pairs"):
+                raise unknown_name("key of model.concepts", str(key), keys, f"Remove model.concepts.{key} or fix its name.")
+        cav_cfg = dataclasses.replace(base or CAVConfig(), **cav)
+        return _build(cls, {**rest, "terms": terms, "cav": cav_cfg}, "model.concepts")
+
+    def to_dict(self) -> dict[str, Any]:
+        cav = {k: getattr(self.cav, k) for k in _CAV_KEYS}
+        return {"spec": self.spec, "terms": [t.to_dict() for t in self.terms], **cav,
+                **self.cav.refresh.to_keys("refresh"), "num_pairs": self.num_pairs}
+
+
+@dataclass(frozen=True)
+class PrototypeConfig:
+    """``model.prototypes``: ``k`` centres per class (1: class mean), a ``refresh`` schedule
+    (``refresh_every_n_epochs``; at the start of the due epoch) and the ``ema`` weight of fresh centres."""
+
+    k: int = 1
+    refresh: Every = field(default_factory=Every)
+    ema: float = 0.3
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise CdistillError(f"model.prototypes.k={self.k!r}: use a whole number >= 1.")
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any] | None) -> PrototypeConfig:
+        rest = {k: v for k, v in (cfg or {}).items() if v is not None}
+        refresh = Every.pop(rest, "refresh")
+        if "k" in rest:
+            rest["k"] = int(rest["k"])
+        return _build(cls, {**rest, "refresh": refresh}, "model.prototypes")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"k": self.k, **self.refresh.to_keys("refresh"), "ema": self.ema}
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """``model.local``: the ``mask`` of the local input-gradient loss (``foreground``: a
+    ``fraction`` of the pixels brighter than ``threshold``; ``corners``: ``size``-pixel patches)."""
+
+    mask: str = "foreground"
+    threshold: float = 0.1
+    fraction: float = 0.5
+    size: int = 5
+
+    def __post_init__(self) -> None:
+        if self.mask not in LOCAL_MASKS:
+            raise CdistillError(f"model.local.mask={self.mask!r}: use foreground or corners.")
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any] | None) -> LocalConfig:
+        return _build(cls, {k: v for k, v in (cfg or {}).items() if v is not None}, "model.local")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """The loss of the distill task: its ``form`` (``prototype`` or ``logit``), the logit
+    ``target`` (:data:`LOGIT_TARGETS`) and the weights of the concept, prototype and local terms."""
+
+    form: str = "prototype"
+    target: str = "logprob"
+    lambda_c: float = 1.0
+    lambda_p: float = 0.0
+    lambda_l: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("model.form", self.form, ("prototype", "logit"))
+        _check_choice("model.target", self.target, LOGIT_TARGETS)
+        for key in ("lambda_c", "lambda_p", "lambda_l"):
+            value = getattr(self, key)
+            if not value >= 0:  # also NaN; a negative weight would switch the term off unnoticed
+                raise CdistillError(f"model.{key}={value}: a loss weight must be >= 0 (0 switches the term off).")
+
+
+@dataclass(frozen=True)
+class ErasureConfig:
+    """``model.erasure``: one :class:`~cdistill.erasure.hooks.ErasureSpec` per layer and the
+    ``refit`` schedule (``refit_every_n_steps``; ``refit_every_n_epochs``: after the last batch
+    of the due epoch). Never: the erasers are fitted once, on the model training starts from."""
+
+    specs: tuple[ErasureSpec, ...]
+    refit: Every = field(default_factory=Every)
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any] | None) -> ErasureConfig | None:
+        """``None`` (or an empty dict): no erasure."""
+        if not cfg:
+            return None
+        rest = dict(cfg)
+        refit = Every.pop(rest, "refit")
+        return cls(specs=tuple(specs_from_config(rest)), refit=refit)
+
+    def to_dict(self) -> dict[str, Any]:
+        first = self.specs[0]
+        common = {k: getattr(first, k) for k in ("mode", "method", "concept", "positive", "rows_per_sample")}
+        return {"layers": [s.layer for s in self.specs], **common, "options": dict(first.options),
+                **self.refit.to_keys("refit")}

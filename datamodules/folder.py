@@ -1,0 +1,448 @@
+"""Any biased image dataset on disk: a folder of images plus a ``metadata.csv``.
+
+The layout under ``root``::
+
+    metadata.csv        one row per image: path,label,bias,split (column names configurable)
+    <any path>          the images, any format Pillow reads, any size and mode
+
+* ``path``: the image file, relative to ``root``;
+* ``label``: the target class, an integer in ``[0, num_classes)``;
+* ``bias``: the class the spurious cue points to under the training correlation (so a sample is
+  bias-aligned when ``bias == label``), or ``-1`` (or empty) when unknown;
+* ``split``: ``train``, ``val``, ``val_reversed``, ``test``, or any other name, which becomes an
+  extra test split, logged as ``<name>/...`` when the name starts with ``test`` and as
+  ``test_<name>/...`` otherwise (the test stage reports the splits whose name starts with ``test``).
+
+``train``, ``val`` and ``test`` must exist. Without a ``val_reversed`` split, the bias-conflicting
+part of ``val`` takes its role (as BFFHQ does), so the ``paper`` protocol selects on validation
+data with the test-time bias shift. Images are read on access (never all in memory), resized to
+``image_size`` x ``image_size`` (bilinear; the aspect ratio is not kept) and converted to
+``channels`` (1: Pillow ``L``, 3: ``RGB``). Batches are ``{"image", "label", "bias", "index"}``
+like every other datamodule.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import hydra.utils
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from cdistill.errors import CdistillError, unknown_name
+from datamodules.biased_mnist import channel_stats
+from datamodules.normalization import ChannelNormalization
+from datamodules.sampler import EpochSeededSampler
+from datamodules.splits import make_generator
+
+log = logging.getLogger(__name__)
+#: Roles of the metadata columns; ``data.columns.<role>`` names the column that holds each.
+COLUMN_ROLES = ("path", "label", "bias", "split")
+#: Splits the tasks need; every other name is an extra test split.
+REQUIRED_SPLITS = ("train", "val", "test")
+KNOWN_SPLITS = (*REQUIRED_SPLITS, "val_reversed")
+MODES = {1: "L", 3: "RGB"}
+
+
+class FolderRow(NamedTuple):
+    """One sample of the metadata: its image file, attributes, split, and where it was read
+    (for error messages, e.g. ``metadata.csv line 7``)."""
+
+    path: Path
+    label: int
+    bias: int
+    split: str
+    where: str
+
+
+def parse_int(value: str, column: str, where: str, allow_empty: bool = False) -> int:
+    """An integer cell (``"3"``, ``"3.0"``; empty -> -1 when ``allow_empty``).
+
+    Raises:
+        CdistillError: Naming the row, the column and the value.
+    """
+    text = value.strip()
+    if allow_empty and text == "":
+        return -1
+    try:
+        number = float(text)
+    except ValueError:
+        number = float("nan")
+    if not number.is_integer():
+        raise CdistillError(f"{where}: column {column!r} holds {value!r}, not an integer. Fix that row.")
+    return int(number)
+
+
+def read_csv(path: Path, required: Mapping[str, str]) -> tuple[list[dict[str, str]], list[str]]:
+    """Rows of a CSV file as dicts, checking that the ``required`` columns (role -> column name)
+    are in its header.
+
+    Returns:
+        ``(rows, where)``: the rows and, for each, ``"<file> line <n>"``.
+
+    Raises:
+        CdistillError: A missing file or a missing column (naming the present ones).
+    """
+    if not path.is_file():
+        raise CdistillError(f"Metadata file {str(path)!r} does not exist; check data.root and data.metadata.")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        reader.fieldnames = header
+        missing = {role: col for role, col in required.items() if col not in header}
+        if missing:
+            fixes = ", ".join(f"data.columns.{role}=<column>" for role in missing)
+            raise CdistillError(
+                f"{str(path)!r} has no column {', '.join(repr(c) for c in missing.values())} "
+                f"(columns: {header}). Add the column, or name the one to use with {fixes}."
+            )
+        rows = list(reader)
+    return rows, [f"{path.name} line {i + 2}" for i in range(len(rows))]
+
+
+def open_image(path: Path, where: str, mode: str, size: int) -> Image.Image:
+    """Read one image, converted to ``mode`` and resized to ``size`` x ``size`` (bilinear).
+
+    Raises:
+        CdistillError: An unreadable file, naming it and its metadata row.
+    """
+    try:
+        with Image.open(path) as im:
+            out = im.convert(mode)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise CdistillError(
+            f"Cannot read image {str(path)!r} ({where}): {err}. Replace the file or remove its row."
+        ) from err
+    if out.size != (size, size):
+        out = out.resize((size, size), Image.Resampling.BILINEAR)
+    return out
+
+
+def image_tensor(im: Image.Image) -> Tensor:
+    """``uint8 [C, H, W]`` from a Pillow image in mode ``L`` or ``RGB``."""
+    arr = np.asarray(im, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def extra_split_name(name: str) -> str:
+    """The name a split is served under: the known ones as they are, any other prefixed with
+    ``test_`` unless it starts with ``test`` already (e.g. ``ood`` -> ``test_ood``)."""
+    return name if name in KNOWN_SPLITS or name.startswith("test") else f"test_{name}"
+
+
+class FolderDataset(Dataset[dict[str, Tensor]]):
+    """The rows of one split, read from disk on access and normalised.
+
+    Args:
+        rows: The split's samples.
+        image_size: Side every image is resized to.
+        channels: 1 or 3.
+        mean: ``float32 [C]`` per-channel mean (``[0, 1]`` units).
+        std: ``float32 [C]`` per-channel std.
+        transform: Applied to the ``uint8 [C, H, W]`` image before normalisation (augmentation,
+            train split only), or None.
+    """
+
+    def __init__(self, rows: Sequence[FolderRow], image_size: int, channels: int, mean: Tensor, std: Tensor,
+                 transform: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.rows = list(rows)
+        self.image_size, self.mode = int(image_size), MODES[channels]
+        self.labels = torch.tensor([r.label for r in self.rows], dtype=torch.int64)
+        self.bias = torch.tensor([r.bias for r in self.rows], dtype=torch.int64)
+        self.mean = mean.to(torch.float32).view(-1, 1, 1)  # [C, 1, 1]: broadcasts over [C, H, W]
+        self.std = std.to(torch.float32).view(-1, 1, 1)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def files(self) -> list[Path]:
+        """The image file of each sample."""
+        return [r.path for r in self.rows]
+
+    def raw(self, index: int) -> Tensor:
+        """Image ``index`` as ``uint8 [C, image_size, image_size]`` (no augmentation)."""
+        row = self.rows[index]
+        return image_tensor(open_image(row.path, row.where, self.mode, self.image_size))
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        """``{"image": float32 [C, S, S], "label", "bias", "index": int64 []}``."""
+        image = self.raw(index)
+        if self.transform is not None:
+            image = self.transform(image)
+        x = (image.to(torch.float32) / 255.0 - self.mean) / self.std
+        return {"image": x, "label": self.labels[index], "bias": self.bias[index],
+                "index": torch.tensor(index, dtype=torch.int64)}
+
+
+def build_transform(augment: Sequence[Any] | None) -> Callable[[Tensor], Tensor] | None:
+    """A ``torchvision.transforms.v2.Compose`` of ``augment``: transform objects, or Hydra configs
+    with ``_target_`` (e.g. ``{_target_: torchvision.transforms.v2.RandomHorizontalFlip}``)."""
+    if not augment:
+        return None
+    from torchvision.transforms import v2
+
+    steps = [hydra.utils.instantiate(t) if isinstance(t, Mapping) or hasattr(t, "_target_") else t for t in augment]
+    for step in steps:
+        if not callable(step):
+            raise CdistillError(f"data.augment holds {step!r}, not a transform: give {{_target_: torchvision.transforms.v2.<Name>, ...}}.")
+    return v2.Compose(steps)
+
+
+class FolderDataModule(ChannelNormalization, pl.LightningDataModule):
+    """A biased dataset read from ``root`` and its metadata CSV (see the module docstring).
+
+    Args:
+        root: Folder holding the metadata file and the images (relative paths resolve here);
+            required once the data are read.
+        metadata: The metadata file, relative to ``root``.
+        columns: Role (``path``, ``label``, ``bias``, ``split``) -> column name, for the roles
+            whose column is not named after the role.
+        split_map: Raw split value -> split name (e.g. ``{"0": train, "1": val, "2": test}``);
+            values not in it are used as they are.
+        num_classes: Number of classes; labels must lie in ``[0, num_classes)``.
+        num_bias_groups: Number of bias values (None: ``num_classes``); bias in
+            ``[-1, num_bias_groups)``.
+        image_size: Side images are resized to.
+        channels: 1 (grey) or 3 (RGB); images are converted.
+        mean: Per-channel mean in ``[0, 1]`` units (None: from the train split).
+        std: Per-channel std (None: from the train split).
+        stats_samples: At most this many train images (a seeded subset) give the mean and std.
+        augment: Train-time transforms (torchvision ``transforms.v2``) on the ``uint8 [C, H, W]``
+            image, as objects or Hydra configs; None for none.
+        check_images: At setup, open every image's header, so an unreadable file fails before
+            training rather than mid-epoch.
+        seed: Seeds the train order, the statistics subset and ``max_train_samples``.
+        batch_size: Train batch size (per process under DDP).
+        eval_batch_size: Batch size of the val/test loaders.
+        num_workers: DataLoader workers.
+        pin_memory: DataLoader ``pin_memory``.
+        max_train_samples: Cap on the train split (a seeded subset); None keeps all.
+    """
+
+    name: str = "folder"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        metadata: str = "metadata.csv",
+        columns: Mapping[str, str] | None = None,
+        split_map: Mapping[Any, str] | None = None,
+        num_classes: int = 2,
+        num_bias_groups: int | None = None,
+        image_size: int = 64,
+        channels: int = 3,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        stats_samples: int = 5000,
+        augment: Sequence[Any] | None = None,
+        check_images: bool = True,
+        seed: int = 0,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        max_train_samples: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["augment"])
+        self._check_settings(columns, num_classes, image_size, channels, batch_size, eval_batch_size, max_train_samples)
+        # A missing root fails when the data are first needed, so configs compose without one.
+        self.root = Path(str(root)).expanduser() if root else None
+        self.metadata = str(metadata)
+        self.columns = {role: role for role in COLUMN_ROLES} | {k: str(v) for k, v in dict(columns or {}).items()}
+        self.split_map = {str(k): str(v) for k, v in dict(split_map or {}).items()}
+        self.num_classes = int(num_classes)
+        self.num_bias_groups = self.num_classes if num_bias_groups is None else int(num_bias_groups)
+        self.image_size, self.num_channels = int(image_size), int(channels)
+        self._given_stats = self._check_stats(mean, std)
+        self.stats_samples = int(stats_samples)
+        self.transform = build_transform(augment)
+        self.check_images = bool(check_images)
+        self.seed = int(seed)
+        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
+        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.max_train_samples = None if max_train_samples is None else int(max_train_samples)
+        self.val_names: list[str] = ["val", "val_reversed"]
+        self.test_names: list[str] = ["test"]
+        self._datasets: dict[str, FolderDataset] = {}
+        self._mean: Tensor | None = None
+        self._std: Tensor | None = None
+
+    # ----------------------------------------------------------------- settings
+    @staticmethod
+    def _check_settings(columns: Mapping[str, str] | None, num_classes: int, image_size: int, channels: int,
+                        batch_size: int, eval_batch_size: int, max_train_samples: int | None) -> None:
+        for role in dict(columns or {}):
+            if role not in COLUMN_ROLES:
+                raise unknown_name("data.columns role", str(role), COLUMN_ROLES, "Use data.columns.<role>=<column>.")
+        if int(channels) not in MODES:
+            raise CdistillError(f"data.channels={channels}: use 1 (grey) or 3 (RGB).")
+        if int(num_classes) < 2:
+            raise CdistillError(f"data.num_classes={num_classes} must be >= 2.")
+        if int(image_size) < 8:
+            raise CdistillError(f"data.image_size={image_size} is too small; use 8 or more (e.g. 64 or 224).")
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                           ("max_train_samples", max_train_samples or 1)):
+            if int(value) < 1:
+                raise CdistillError(f"data.{key}={value} must be >= 1.")
+
+    def _check_stats(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> tuple[Tensor, Tensor] | None:
+        if (mean is None) != (std is None):
+            raise CdistillError("Give both data.mean and data.std, or neither (then the train split gives them).")
+        if mean is None or std is None:
+            return None
+        m, s = torch.tensor(list(mean), dtype=torch.float32), torch.tensor(list(std), dtype=torch.float32)
+        if m.shape != (self.num_channels,) or s.shape != (self.num_channels,) or bool((s <= 0).any()):
+            raise CdistillError(
+                f"data.mean={list(mean)} and data.std={list(std)} need {self.num_channels} values each "
+                f"(data.channels={self.num_channels}), std > 0."
+            )
+        return m, s
+
+    # ----------------------------------------------------------------- reading
+    @property
+    def split_names(self) -> list[str]:
+        """All split names, train first."""
+        return ["train", *self.val_names, *self.test_names]
+
+    def _root(self) -> Path:
+        if self.root is None:
+            raise CdistillError(f"data.root is not set: give the folder holding {self.metadata} and the images.")
+        if not self.root.is_dir():
+            raise CdistillError(f"data.root={str(self.root)!r} is not a folder.")
+        return self.root
+
+    def read_rows(self) -> list[FolderRow]:
+        """Every sample of the metadata (subclasses read other layouts here)."""
+        root = self._root()
+        rows, where = read_csv(root / self.metadata, self.columns)
+        c = self.columns
+        return [
+            FolderRow(root / row[c["path"]].strip(), parse_int(row[c["label"]] or "", c["label"], w),
+                      parse_int(row[c["bias"]] or "", c["bias"], w, allow_empty=True),
+                      self.split_map.get(str(row[c["split"]]).strip(), str(row[c["split"]]).strip()), w)
+            for row, w in zip(rows, where, strict=True)
+        ]
+
+    def _check_row(self, row: FolderRow) -> None:
+        if not 0 <= row.label < self.num_classes:
+            raise CdistillError(
+                f"{row.where}: label {row.label} is outside [0, {self.num_classes}) (data.num_classes="
+                f"{self.num_classes}). Fix the row, or set data.num_classes (and model.num_classes) to cover it."
+            )
+        if not -1 <= row.bias < self.num_bias_groups:
+            raise CdistillError(
+                f"{row.where}: bias {row.bias} is outside [-1, {self.num_bias_groups}) (-1: unknown). Fix the "
+                "row, or set data.num_bias_groups (and model.num_bias_groups) to cover it."
+            )
+        if not row.path.is_file():
+            raise CdistillError(f"{row.where}: image {str(row.path)!r} does not exist. Fix the path (relative to data.root).")
+        if self.check_images:
+            try:
+                with Image.open(row.path) as im:
+                    im.size  # noqa: B018 - reading the header is the check
+            except (UnidentifiedImageError, OSError) as err:
+                raise CdistillError(
+                    f"Cannot read image {str(row.path)!r} ({row.where}): {err}. Replace the file or remove its row."
+                ) from err
+
+    def _by_split(self, rows: list[FolderRow]) -> dict[str, list[FolderRow]]:
+        """Rows grouped by split; the required ones must be there, and ``val_reversed`` is
+        the conflicting part of ``val`` when the metadata has none."""
+        splits: dict[str, list[FolderRow]] = {}
+        for row in rows:
+            splits.setdefault(extra_split_name(row.split), []).append(row)
+        missing = [s for s in REQUIRED_SPLITS if not splits.get(s)]
+        if missing:
+            present = {k: len(v) for k, v in splits.items()}
+            raise CdistillError(
+                f"{self.metadata} has no rows of split {missing} (present: {present}); the column "
+                f"{self.columns['split']!r} must name train, val and test (extra names become extra test "
+                "splits). Rename the splits, or map raw values with data.split_map={'<raw>': '<name>'}."
+            )
+        if "val_reversed" not in splits:
+            conflicting = [r for r in splits["val"] if r.bias >= 0 and r.bias != r.label]
+            if conflicting:
+                splits["val_reversed"] = conflicting
+        return splits
+
+    def _cap_train(self, train: list[FolderRow]) -> list[FolderRow]:
+        if self.max_train_samples is None or self.max_train_samples >= len(train):
+            return train
+        order = torch.randperm(len(train), generator=make_generator(self.seed, "folder", "cap"))
+        return [train[i] for i in sorted(order[: self.max_train_samples].tolist())]
+
+    def _stats(self, train: list[FolderRow]) -> tuple[Tensor, Tensor]:
+        """Mean and std of (a seeded subset of at most ``stats_samples``) train images."""
+        if self._given_stats is not None:
+            return self._given_stats
+        order = torch.randperm(len(train), generator=make_generator(self.seed, "folder", "stats"))
+        keep = sorted(order[: self.stats_samples].tolist())
+        images = torch.stack([image_tensor(open_image(train[i].path, train[i].where, MODES[self.num_channels],
+                                                      self.image_size)) for i in keep])
+        return channel_stats(images)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and check the metadata once (images are read on access); later calls are no-ops."""
+        if self._datasets:
+            return
+        rows = self.read_rows()
+        for row in rows:
+            self._check_row(row)
+        splits = self._by_split(rows)
+        splits["train"] = self._cap_train(splits["train"])
+        self.val_names = [s for s in ("val", "val_reversed") if s in splits]
+        self.test_names = ["test", *[s for s in splits if s not in KNOWN_SPLITS]]
+        self._mean, self._std = self._stats(splits["train"])
+        self._datasets = {
+            name: FolderDataset(rows_, self.image_size, self.num_channels, self._mean, self._std,
+                                self.transform if name == "train" else None)
+            for name, rows_ in splits.items()
+        }
+        log.info("%s %s: %s", self.name, self.root, ", ".join(f"{k} {len(v)}" for k, v in self._datasets.items()))
+
+    # ----------------------------------------------------------------- access
+    def split(self, name: str) -> FolderDataset:
+        """The dataset of split ``name`` (reads the metadata on first use).
+
+        Raises:
+            CdistillError: For an unknown split, listing the valid names.
+        """
+        self.setup()
+        if name not in self._datasets:
+            raise unknown_name(f"{self.name} split", name, self.split_names, f"Use one of: {', '.join(self.split_names)}.")
+        return self._datasets[name]
+
+    def _loader(self, dataset: FolderDataset, batch_size: int, **kw: Any) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0, **kw)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled by an :class:`EpochSeededSampler` (order fixed by seed and epoch, also under DDP)."""
+        train = self.split("train")
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochSeededSampler(len(train), seed=self.seed, num_replicas=replicas, rank=rank)
+        return self._loader(train, self.batch_size, sampler=sampler)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One unshuffled loader per name in :attr:`val_names`."""
+        self.setup()
+        return [self._loader(self.split(n), self.eval_batch_size, shuffle=False) for n in self.val_names]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """One unshuffled loader per name in :attr:`test_names`."""
+        self.setup()
+        return [self._loader(self.split(n), self.eval_batch_size, shuffle=False) for n in self.test_names]
