@@ -8,18 +8,17 @@ serves the dataloaders.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from cdistill.errors import CdistillError, unknown_name
 from datamodules.dataset import BiasedDigitsDataset
+from datamodules.loaders import SplitLoaders
 from datamodules.mnist_source import load_embedded_digits, load_torchvision_mnist
 from datamodules.normalization import ChannelNormalization
-from datamodules.sampler import EpochSeededSampler
 from datamodules.splits import check_fractions, make_generator, stratified_split
 
 #: Splits carrying the training correlation; the others carry a shifted one.
@@ -74,7 +73,7 @@ def alpha_fill(digits: Tensor, table: Tensor, index: Tensor, chunk: int = 8192) 
     return out
 
 
-class BiasedMNISTDataModule(ChannelNormalization, pl.LightningDataModule):
+class BiasedMNISTDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModule):
     """Base datamodule: digits, seeded splits, normalisation and loaders.
 
     Splits: ``train`` (training cue), ``val`` (training cue, in-distribution),
@@ -293,40 +292,6 @@ class BiasedMNISTDataModule(ChannelNormalization, pl.LightningDataModule):
         """
         self.setup()
         return self._split_indices
-
-    # ----------------------------------------------------------------- loaders
-    def _loader(self, dataset: BiasedDigitsDataset, batch_size: int, **kw: Any) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            drop_last=False,
-            **kw,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled by an :class:`EpochSeededSampler` (order fixed by seed and epoch; under
-        DDP each rank takes its share of the same global order)."""
-        train = self.split("train")
-        trainer = self.trainer
-        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = EpochSeededSampler(len(train), seed=self.seed, num_replicas=replicas, rank=rank)
-        return self._loader(train, self.batch_size, sampler=sampler)
-
-    def val_dataloader(self) -> list[DataLoader]:
-        """One unshuffled loader per name in :attr:`val_names`, in that order."""
-        return [
-            self._loader(self.split(n), self.eval_batch_size, shuffle=False) for n in self.val_names
-        ]
-
-    def test_dataloader(self) -> list[DataLoader]:
-        """One unshuffled loader per name in :attr:`test_names`, in that order."""
-        return [
-            self._loader(self.split(n), self.eval_batch_size, shuffle=False)
-            for n in self.test_names
-        ]
 
 
 def channel_stats(images: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]:

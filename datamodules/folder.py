@@ -35,12 +35,12 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from cdistill.errors import CdistillError, unknown_name
 from datamodules.biased_mnist import channel_stats
+from datamodules.loaders import SplitLoaders
 from datamodules.normalization import ChannelNormalization
-from datamodules.sampler import EpochSeededSampler
 from datamodules.splits import make_generator
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def build_transform(augment: Sequence[Any] | None) -> Callable[[Tensor], Tensor]
     return v2.Compose(steps)
 
 
-class FolderDataModule(ChannelNormalization, pl.LightningDataModule):
+class FolderDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModule):
     """A biased dataset read from ``root`` and its metadata CSV (see the module docstring).
 
     Args:
@@ -425,24 +425,3 @@ class FolderDataModule(ChannelNormalization, pl.LightningDataModule):
             raise unknown_name(f"{self.name} split", name, self.split_names, f"Use one of: {', '.join(self.split_names)}.")
         return self._datasets[name]
 
-    def _loader(self, dataset: FolderDataset, batch_size: int, **kw: Any) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0, **kw)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled by an :class:`EpochSeededSampler` (order fixed by seed and epoch, also under DDP)."""
-        train = self.split("train")
-        trainer = self.trainer
-        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = EpochSeededSampler(len(train), seed=self.seed, num_replicas=replicas, rank=rank)
-        return self._loader(train, self.batch_size, sampler=sampler)
-
-    def val_dataloader(self) -> list[DataLoader]:
-        """One unshuffled loader per name in :attr:`val_names`."""
-        self.setup()
-        return [self._loader(self.split(n), self.eval_batch_size, shuffle=False) for n in self.val_names]
-
-    def test_dataloader(self) -> list[DataLoader]:
-        """One unshuffled loader per name in :attr:`test_names`."""
-        self.setup()
-        return [self._loader(self.split(n), self.eval_batch_size, shuffle=False) for n in self.test_names]
