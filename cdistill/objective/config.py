@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 from cdistill.concepts.cav import DEFAULT_SOLVER, MIN_ACCURACY, SOLVER_NAMES
 from cdistill.erasure.hooks import ErasureSpec, specs_from_config
 from cdistill.errors import CdistillError, unknown_name
+from cdistill.objective.concept_outputs import OUTPUT_TARGETS
+from cdistill.objective.counterfactual import ShiftLayer
 from cdistill.objective.losses import CAV_MODES, DIRECTIONS, LOGIT_TARGETS, POSITION_WEIGHTS
 
 LOCAL_MASKS = ("foreground", "corners")
@@ -292,14 +294,71 @@ class ObjectiveConfig:
     lambda_c: float = 1.0
     lambda_p: float = 0.0
     lambda_l: float = 0.0
+    lambda_o: float = 0.0
+    lambda_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("model.form", self.form, ("prototype", "logit"))
         _check_choice("model.target", self.target, LOGIT_TARGETS)
-        for key in ("lambda_c", "lambda_p", "lambda_l"):
+        for key in ("lambda_c", "lambda_p", "lambda_l", "lambda_o", "lambda_s"):
             value = getattr(self, key)
             if not value >= 0:  # also NaN; a negative weight would switch the term off unnoticed
                 raise CdistillError(f"model.{key}={value}: a loss weight must be >= 0 (0 switches the term off).")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """``model.outputs``: the concept-image terms' sampling and the output term's target
+    (docs/methods.md §2.8).
+
+    Args:
+        target: What a desensitized concept's images are predicted as (:data:`OUTPUT_TARGETS`).
+        per_set: Images drawn per concept set per training step.
+    """
+
+    target: str = "uniform"
+    per_set: int = 8
+
+    def __post_init__(self) -> None:
+        _check_choice("model.outputs.target", self.target, OUTPUT_TARGETS)
+        if isinstance(self.per_set, bool) or not isinstance(self.per_set, int) or self.per_set < 1:
+            raise CdistillError(f"model.outputs.per_set={self.per_set!r}: use a whole number >= 1.")
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any] | None) -> OutputConfig:
+        rest = {k: v for k, v in (cfg or {}).items() if v is not None}
+        return _build(cls, rest, "model.outputs")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class CounterfactualConfig:
+    """``model.counterfactual``: the layers of the latent-counterfactual term (docs/methods.md
+    §2.9), each ``<module path>`` (flatten mode) or ``<module path>:position``. ``None``: the
+    default, the pixels per position and ``model.layer`` flattened (:meth:`layers_for`)."""
+
+    layers: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any] | None) -> CounterfactualConfig:
+        rest = {k: v for k, v in (cfg or {}).items() if v is not None}
+        if "layers" in rest:
+            layers = rest["layers"]
+            rest["layers"] = tuple(str(x) for x in ([layers] if isinstance(layers, str) else layers))
+        out = _build(cls, rest, "model.counterfactual")
+        for text in out.layers or ():
+            ShiftLayer.parse(text)
+        return out
+
+    def layers_for(self, layer: str) -> list[ShiftLayer]:
+        """The parsed layers, ``layer`` being the task's ``model.layer``."""
+        texts = self.layers if self.layers is not None else ("input:position", layer)
+        return [ShiftLayer.parse(t) for t in dict.fromkeys(texts)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": None if self.layers is None else list(self.layers)}
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from cdistill.utils.artefacts import broadcast_bank, broadcast_buffers
 from cdistill.utils.capture import capture, collect_activations, eval_mode
 
 log = logging.getLogger(__name__)
+
 #: Key of the blank reference image among the concept maps (``position`` mode).
 BLANK = "__blank__"
 

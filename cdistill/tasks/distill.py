@@ -25,11 +25,14 @@ from cdistill.erasure import LowRankEraser
 from cdistill.erasure.hooks import eraser_key
 from cdistill.errors import CdistillError
 from cdistill.objective.cav_fitter import CAVFitter
+from cdistill.objective.concept_images import ConceptImageTerms, load_image_sets
 from cdistill.objective.config import (
     ConceptsConfig,
+    CounterfactualConfig,
     ErasureConfig,
     LocalConfig,
     ObjectiveConfig,
+    OutputConfig,
     PrototypeConfig,
     term_name,
 )
@@ -83,11 +86,15 @@ class ConceptDistillModule(ConceptArtefactsMixin):
         lambda_c: float = 1.0,
         lambda_p: float = 0.0,
         lambda_l: float = 0.0,
+        lambda_o: float = 0.0,
+        lambda_s: float = 0.0,
         concepts: Mapping[str, Any] | None = None,
         prototypes: Mapping[str, Any] | None = None,
         local: Mapping[str, Any] | None = None,
         erasure: Mapping[str, Any] | None = None,
         teacher: Mapping[str, Any] | None = None,
+        outputs: Mapping[str, Any] | None = None,
+        counterfactual: Mapping[str, Any] | None = None,
         fit_batch_size: int = 500,
         **kwargs: Any,
     ) -> None:
@@ -95,10 +102,17 @@ class ConceptDistillModule(ConceptArtefactsMixin):
         plain = {k: dict(to_plain(v) or {}) for k, v in
                  (("concepts", concepts), ("prototypes", prototypes), ("local", local))}
         erasure, teacher = (dict(to_plain(v) or {}) or None for v in (erasure, teacher))
-        ObjectiveConfig(form, target, lambda_c, lambda_p, lambda_l)
+        ObjectiveConfig(form, target, lambda_c, lambda_p, lambda_l, lambda_o, lambda_s)
         self.concepts_cfg = ConceptsConfig.from_dict(plain["concepts"])
-        if lambda_c > 0 and not self.concepts_cfg.terms:
-            raise CdistillError("model.lambda_c > 0 but model.concepts.terms is empty: name at least one concept.")
+        for key, value in (("lambda_c", lambda_c), ("lambda_o", lambda_o), ("lambda_s", lambda_s)):
+            if value > 0 and not self.concepts_cfg.terms:
+                raise CdistillError(f"model.{key} > 0 but model.concepts.terms is empty: name at least one concept.")
+        self.output_cfg = OutputConfig.from_dict(dict(to_plain(outputs) or {}))
+        self.counterfactual_cfg = CounterfactualConfig.from_dict(dict(to_plain(counterfactual) or {}))
+        self.shift_layers = self.counterfactual_cfg.layers_for(layer) if lambda_s > 0 else []
+        for sl in self.shift_layers:
+            if sl.layer != "input":  # the pixels are always there
+                resolve_module(self.student, sl.layer)
         self.proto_cfg = PrototypeConfig.from_dict(plain["prototypes"])
         self.local_cfg = LocalConfig.from_dict(plain["local"])
         self.erasure_cfg = ErasureConfig.from_dict(erasure)
@@ -112,7 +126,9 @@ class ConceptDistillModule(ConceptArtefactsMixin):
                                     "model.concepts.refresh_every_n_steps=0 (or model.teacher=null).")
         self.save_hyperparameters({
             "layer": layer, "form": form, "target": target, "lambda_c": lambda_c, "lambda_p": lambda_p,
-            "lambda_l": lambda_l, **plain, "erasure": erasure, "teacher": teacher, "fit_batch_size": fit_batch_size,
+            "lambda_l": lambda_l, "lambda_o": lambda_o, "lambda_s": lambda_s, **plain, "erasure": erasure,
+            "teacher": teacher, "outputs": self.output_cfg.to_dict(), "counterfactual": self.counterfactual_cfg.to_dict(),
+            "fit_batch_size": fit_batch_size,
         })
         self.layer, self.teacher_cfg = layer, teacher
         self.terms = [t.to_dict() for t in self.concepts_cfg.terms]
@@ -121,6 +137,8 @@ class ConceptDistillModule(ConceptArtefactsMixin):
         self.artefact_metrics: dict[str, float] = {}
         self.cavs = CAVBank()
         self.prototypes = Prototypes()
+        #: The concept-image terms (:meth:`load_concept_images`); derived from the spec, not checkpointed.
+        self.image_terms: ConceptImageTerms | None = None
         # Placeholders (resized when a checkpoint is loaded, see LowRankEraser).
         self.erasers = nn.ModuleDict({eraser_key(s.layer): LowRankEraser.identity(1) for s in self.erasure_specs})
         self._register_artefact_buffers()
@@ -130,6 +148,9 @@ class ConceptDistillModule(ConceptArtefactsMixin):
         # Artefacts restored from a checkpoint are kept: resuming must not refit them.
         if not bool(self.artefacts_fitted):
             self.fit_artefacts(self.trainer.datamodule)  # type: ignore[attr-defined]
+        if self.uses_concept_images and self.image_terms is None:
+            # Derived from the spec (seeded), never checkpointed: a resumed run rebuilds them.
+            self.load_concept_images(self.trainer.datamodule)  # type: ignore[attr-defined]
 
     def on_train_epoch_start(self) -> None:
         dm, epoch = self.trainer.datamodule, self.current_epoch  # type: ignore[attr-defined]
@@ -221,8 +242,32 @@ class ConceptDistillModule(ConceptArtefactsMixin):
         if hp["lambda_l"] > 0:
             out["local"] = local_loss(x, logits, y, self._local_mask(x.detach()))
             loss = loss + hp["lambda_l"] * out["local"]
+        if self.uses_concept_images:
+            if self.image_terms is None:
+                raise CdistillError("model.lambda_o/lambda_s > 0 but the concept images are not loaded: "
+                                    "call load_concept_images(datamodule) first (fit does).")
+            terms = self.image_terms(self.student, self, batch["image"], y, self.rng,
+                                     counterfactual=hp.get("lambda_s", 0.0) > 0)
+            out["output"] = terms["output"]
+            loss = loss + hp.get("lambda_o", 0.0) * out["output"]
+            if "counterfactual" in terms:
+                out["counterfactual"] = terms["counterfactual"]
+                loss = loss + hp["lambda_s"] * out["counterfactual"]
         out["loss"] = loss
         return out
+
+    @property
+    def uses_concept_images(self) -> bool:
+        """The concept-only output term or the counterfactual term is on."""
+        return self.hparams.get("lambda_o", 0.0) > 0 or self.hparams.get("lambda_s", 0.0) > 0
+
+    def load_concept_images(self, datamodule: Any) -> None:
+        """Load the concept images of the output and counterfactual terms (docs/methods.md §2.8-2.9)."""
+        sets, blank = load_image_sets(
+            self.concepts_cfg.spec or "", self.concepts_cfg.terms, self.hparams["num_classes"], datamodule.normalize,
+            datamodule.num_channels, datamodule.image_size, self.device,
+        )
+        self.image_terms = ConceptImageTerms(sets, blank, self.output_cfg, self.shift_layers)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[B, num_classes]`` of the student, with the erasers applied."""

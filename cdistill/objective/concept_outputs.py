@@ -1,0 +1,61 @@
+"""Concept-only predictions as a training constraint (docs/methods.md §2.8).
+
+The gradient-direction concept loss constrains an infinitesimal quantity at one layer, and a
+network can satisfy it while it keeps reading the cue. This term constrains what the cue does
+to the *output*, through the whole network, with finite inputs: the images of a bias concept
+(``color_3``: coloured strokes, no digit) carry no evidence about the class, so a model that
+does not rely on the concept predicts them without class information. A biased model predicts
+class ``k`` on concept ``k`` images; the term pulls those predictions to
+
+* ``uniform``: the uniform distribution (``KL(u || p)``, 0 at uniform);
+* ``negative``: the model's own mean prediction on the term's negative images (``KL(q || p)``,
+  ``q`` held fixed): adding the concept to an image must not change the prediction;
+* ``pooled``: the mean prediction over all of the term's concept images (``KL(q || p)``, ``q``
+  held fixed): predictions must not depend on *which* concept value is present.
+
+Concept images are sampled per step with the task's generator (a resumed run draws the same).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: What concept-image predictions are pulled towards (see the module docstring).
+OUTPUT_TARGETS = ("uniform", "negative", "pooled")
+
+
+def sample_rows(count: int, per_set: int, generator: torch.Generator | None) -> Tensor:
+    """``per_set`` indices in ``[0, count)`` (with replacement), drawn on the CPU -> ``[per_set]``."""
+    return torch.randint(0, count, (per_set,), generator=generator)
+
+
+def output_divergence(concept_logits: Tensor, target: str, reference_logits: Tensor | None = None) -> Tensor:
+    """Mean ``KL(q || p)`` of the concept images' predictions ``p`` from a target ``q``.
+
+    Args:
+        concept_logits: ``[M, C]`` logits of concept images.
+        target: One of :data:`OUTPUT_TARGETS`.
+        reference_logits: ``[M', C]`` logits of the negative images (``negative`` target only).
+
+    Returns:
+        Scalar, ``>= 0``; ``0`` when every prediction equals ``q``.
+    """
+    logp = F.log_softmax(concept_logits, dim=1)
+    num_classes = concept_logits.shape[1]
+    if target == "uniform":
+        # KL(u || p) = -log C - mean_j log p_j
+        return (-logp.mean(1) - math.log(num_classes)).mean()
+    if target == "negative":
+        if reference_logits is None:
+            raise ValueError("the 'negative' target needs the negative images' logits")
+        q = F.softmax(reference_logits.detach(), dim=1).mean(0, keepdim=True)
+    elif target == "pooled":
+        q = logp.detach().exp().mean(0, keepdim=True)
+    else:
+        raise ValueError(f"unknown output target {target!r}; use one of {OUTPUT_TARGETS}")
+    q = q.clamp_min(1e-12)
+    return (q * (q.log() - logp)).sum(1).mean()
