@@ -40,8 +40,9 @@ from cdistill.utils.capture import collect_activations
 
 def base_checkpoint(cfg: DictConfig, seed: int | None = None) -> str | None:
     """The file ``pipeline.base_ckpt`` names for ``seed`` (``{seed}`` in the path is replaced):
-    a student weights file (a run's ``student.pt``), a cdistill ``.ckpt``, or a run directory
-    (its ``student.pt``, else ``checkpoints/last.ckpt``); None when not set.
+    a student weights file (a run's ``student.pt``), a cdistill ``.ckpt``, a run directory (its
+    ``student.pt``, else ``checkpoints/last.ckpt``), or an earlier pipeline run's directory
+    (its ``seed<seed>/base``); None when not set.
 
     Raises:
         CdistillError: The path does not exist, or the folder holds neither file.
@@ -49,8 +50,15 @@ def base_checkpoint(cfg: DictConfig, seed: int | None = None) -> str | None:
     raw = cfg.pipeline.get("base_ckpt")
     if not raw:
         return None
-    text = str(raw).replace("{seed}", str(seed if seed is not None else cfg.pipeline.seeds[0]))
-    return str(resolve_weights(text, "pipeline.base_ckpt"))
+    seed = int(seed if seed is not None else cfg.pipeline.seeds[0])
+    path = Path(str(raw).replace("{seed}", str(seed))).expanduser()
+    runs = sorted(p.parent.name for p in path.glob("seed*/base") if p.is_dir()) if path.is_dir() else []
+    if runs:  # an earlier pipeline run's directory: this seed's base model
+        if f"seed{seed}" not in runs:
+            raise CdistillError(f"pipeline.base_ckpt={str(path)!r} is a pipeline run without seed{seed}/base (it has "
+                                f"{runs}). Train that seed's base model, or set pipeline.seeds to the seeds it has.")
+        path = path / f"seed{seed}" / "base"
+    return str(resolve_weights(path, "pipeline.base_ckpt"))
 
 
 def _model_config(cfg: DictConfig, base_ckpt: str | None) -> DictConfig:
