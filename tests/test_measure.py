@@ -12,7 +12,13 @@ import torch
 from omegaconf import DictConfig
 from own_data import write_own_data
 
-from cdistill.cli.measure import MEASURES, MeasureContext, register_measure, run_measure, split_accuracy
+from cdistill.cli.measure import (
+    MEASURES,
+    MeasureContext,
+    register_measure,
+    run_measure,
+    split_accuracy,
+)
 from cdistill.errors import CdistillError
 from cdistill.models.students import create_student
 
@@ -91,7 +97,7 @@ def test_measure_tcav_and_a_plugged_in_measure_on_folder_data(make_cfg: MakeCfg,
 
 
 def test_measure_errors_name_the_fix(make_cfg: MakeCfg, tmp_path: Path) -> None:
-    with pytest.raises(CdistillError, match="measure.ckpt is not set"):
+    with pytest.raises(CdistillError, match=r"measure\.ckpt is not set"):
         run_measure(make_cfg("experiment=color_mnist/cd", "measure.measures=[accuracy]"))
     with pytest.raises(CdistillError, match="Unknown measure 'acuracy'"):
         run_measure(make_cfg("experiment=color_mnist/cd", "measure.measures=[acuracy]"))

@@ -19,11 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ["debug=fdr", "pipeline.seeds=[0]", "data.num_workers=0"]
 
 
-def readme_commands() -> list[list[str]]:
-    """The commands of the README block, continuation lines joined, comments dropped."""
+def readme_commands(marker: str = "commands") -> list[list[str]]:
+    """The commands of the README block ``own-data:<marker>``, continuation lines joined, comments dropped."""
     text = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- own-data:commands -->\n```bash\n(.*?)```\n<!-- /own-data:commands -->", text, re.S)
-    assert block, "README lost its own-data:commands block"
+    block = re.search(rf"<!-- own-data:{marker} -->\n```bash\n(.*?)```\n<!-- /own-data:{marker} -->", text, re.S)
+    assert block, f"README lost its own-data:{marker} block"
     joined = block.group(1).replace("\\\n", " ")
     return [shlex.split(line) for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
@@ -49,7 +49,7 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_readme_own_data_commands_run(tmp_path: Path) -> None:
     write_own_data(tmp_path / "my_data")
-    for cmd in readme_commands():
+    for cmd in readme_commands() + readme_commands("scan"):
         res = _run(cmd, tmp_path)
         assert res.returncode == 0, " ".join(cmd) + "\n" + res.stdout[-2000:] + res.stderr[-3000:]
     check = json.loads((tmp_path / "concept_check" / "check.json").read_text())
@@ -65,5 +65,9 @@ def test_readme_own_data_commands_run(tmp_path: Path) -> None:
     measured = json.loads((tmp_path / "runs" / "measure" / "measure.json").read_text())
     assert {"test/acc_worst_group", "test/acc_group_mean", "val/acc", "tcav", "tcav_p"} <= set(measured)
     assert 0.0 <= measured["test/acc_worst_group"] <= measured["test/acc_group_mean"] <= 1.0
+    gate = (tmp_path / "runs" / "dry_gate" / "dry_run.txt").read_text()
+    assert re.search(r"CAV gate on the base model at 'conv2': [12]/2 pairs pass", gate), gate
+    scan = json.loads((tmp_path / "concept_check" / "check.json").read_text())["scan"]
+    assert {s["layer"] for s in scan} == {"conv1", "relu1", "pool1", "conv2", "relu2", "pool2"} and len(scan) == 12
     for png in ("groups.png", "tcav.png"):
         assert (tmp_path / "runs" / "measure" / png).stat().st_size > 1000

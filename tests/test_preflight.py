@@ -73,7 +73,7 @@ def test_gate_failure_shows_in_the_dry_run_with_a_base_model(make_cfg: MakeCfg, 
 
 
 def test_base_ckpt_is_tested_not_trained(make_cfg: MakeCfg, tmp_path: Path) -> None:
-    path = _student_file(tmp_path)
+    _student_file(tmp_path)
     cfg = make_cfg(*CD, f"pipeline.base_ckpt={tmp_path / 'base'}", "pipeline.tcav.enabled=false")
     (record,) = run_pipeline(cfg)
     out = Path(cfg.paths.output_dir) / "seed0"
