@@ -145,3 +145,13 @@ def test_shipped_specs_pass_the_pairs_check() -> None:
                                     ("concepts/marker_mnist.yaml", "glyph_{y}", "strokes")):
         sets = list(load_spec(spec))
         check_pairs(term_pairs([ConceptTerm(concept, negative)], 10), sets, spec)
+
+
+def test_load_student_from_a_cdistill_checkpoint() -> None:
+    fixture = Path(__file__).parent / "fixtures" / "cd_380f439.ckpt"
+    state = torch.load(fixture, weights_only=True)["state_dict"]
+    loaded = load_student(fixture)  # the architecture and data statistics come from the file
+    assert loaded.student["name"] == "timm:test_efficientnet" and loaded.config is not None
+    assert loaded.input_mean is not None and torch.equal(loaded.input_mean, state["input_mean"].float())
+    own = loaded.model.state_dict()
+    assert all(torch.equal(own[k[len("student."):]], v) for k, v in state.items() if k.startswith("student."))

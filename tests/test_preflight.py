@@ -99,3 +99,26 @@ def test_base_ckpt_takes_a_seed_placeholder(make_cfg: MakeCfg, tmp_path: Path) -
         cfg = make_cfg(*CD, "pipeline.seeds=[0,1,2]", base, "pipeline.dry_run=true")
         with pytest.raises(CdistillError, match=r"seed2"):  # every seed's base model is checked up front
             run_pipeline(cfg)
+
+
+@pytest.mark.parametrize("mode", ["flatten", "position"])
+def test_gate_check_fits_the_cavs_the_task_fits(make_cfg: MakeCfg, mode: str) -> None:
+    from cdistill.cli.train import instantiate
+    from cdistill.concepts import load_spec, preprocess
+    from cdistill.concepts.check import scan_layers, term_pairs
+
+    cfg = make_cfg(*CD, f"model.concepts.cav_mode={mode}", "model.concepts.max_rows=500",
+                   "model.concepts.terms=[{concept: 'color_{y}', negative: random}]")  # a pool; accuracies 0.92-0.99
+    module = instantiate(cfg.model)
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    bank, _ = module.fit_cavs(module.concept_activations(dm))  # what training fits on this student
+    kw = {"channels": dm.num_channels, "size": dm.image_size}
+    sets = load_spec(cfg.model.concepts.spec, **kw)
+    inputs = {k: preprocess(v, dm.normalize, **kw) for k, v in sets.items()}
+    blank = preprocess(torch.zeros_like(sets["grey"][:1]), dm.normalize, **kw)
+    scores = scan_layers(module.student, inputs, term_pairs(module.concepts_cfg.terms, 10), ["conv2"],
+                         module.concepts_cfg.cav, blank=blank)
+    assert [s.concept for s in scores] == list(bank.concepts)
+    assert [s.accuracy for s in scores] == pytest.approx(bank.accuracies.tolist(), abs=1e-6)
+    assert min(s.accuracy for s in scores) < 0.99  # not a trivially perfect separation

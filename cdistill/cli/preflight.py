@@ -115,21 +115,22 @@ def preflight(cfg: DictConfig) -> list[str]:
             raise CdistillError(f"pipeline.tcav.random={tc.random!r}: the concept spec {spec!r} needs it as a pool "
                                 "split into >= 2 sets (e.g. `random: {kind: noise, n: 500, split: 10}`).")
         done.append(f"TCAV: {len(tcav_pairs)} concepts and the {len(pool)}-set pool {tc.random!r} exist")
-    needed = {s for s in sets if any(s == n or s.startswith(f"{n}/") for p in pairs for n in (p.concept, p.negative))}
-    inputs = {k: preprocess(v, datamodule.normalize, channels=datamodule.num_channels, size=datamodule.image_size)
-              for k, v in sets.items() if k in needed or not needed}
+    kw = {"channels": datamodule.num_channels, "size": datamodule.image_size}
+    inputs = {k: preprocess(v, datamodule.normalize, **kw) for k, v in sets.items()}
+    blank = preprocess(torch.zeros_like(next(iter(sets.values()))[:1]), datamodule.normalize, **kw)
     first = next(iter(inputs.values()))
     act = collect_activations(student, str(cfg.model.layer), [first[:2]], flatten=False)
     done.append(f"concept images reach layer {cfg.model.layer!r}: activations {tuple(act.shape[1:])}")
     if base_ckpt and module.needs_cavs and pairs:
-        done.append(gate_check(module, inputs, pairs, str(cfg.model.layer)))
+        done.append(gate_check(module, inputs, pairs, str(cfg.model.layer), blank))
     elif module.needs_cavs:
         done.append("CAV gate: not checked (it needs the trained base model: give pipeline.base_ckpt=<base run>, "
                     "or after base training run `python -m cdistill.concepts check SPEC --model <base> --layers ...`)")
     return done
 
 
-def gate_check(module: Any, inputs: dict[str, torch.Tensor], pairs: list[ConceptPair], layer: str) -> str:
+def gate_check(module: Any, inputs: dict[str, torch.Tensor], pairs: list[ConceptPair], layer: str,
+               blank: torch.Tensor | None = None) -> str:
     """Fit the CAVs on the base model as the concept-distillation stage will (the same rows,
     solver, held-out split and gate, via :func:`~cdistill.concepts.check.scan_layers`); raise
     :class:`CAVGateError` when every one is under the gate, with each pair's accuracy.
@@ -137,7 +138,7 @@ def gate_check(module: Any, inputs: dict[str, torch.Tensor], pairs: list[Concept
     Student-space CAVs only: with a teacher whose ``cav_space`` is ``teacher`` the stage gates
     the mapped teacher's CAVs, which need the teacher stage (not run here)."""
     cav = module.concepts_cfg.cav
-    scores = scan_layers(module.student, inputs, pairs, [layer], cav)
+    scores = scan_layers(module.student, inputs, pairs, [layer], cav, blank=blank)
     accs = ", ".join(f"{s.concept} vs {s.negative} {s.accuracy:.3f}" for s in scores)
     if not any(s.passes for s in scores):
         raise CAVGateError(

@@ -164,13 +164,13 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     def normalize(x: Tensor) -> Tensor:
         return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
-    needed = {s for s in sets if any(s == n or s.startswith(f"{n}/") for p in pairs for n in (p.concept, p.negative))}
-    inputs = {s: preprocess(sets[s], normalize, channels=n_chans, size=side) for s in sets if s in needed}
+    inputs = {s: preprocess(x, normalize, channels=n_chans, size=side) for s, x in sets.items()}
+    blank = preprocess(torch.zeros_like(next(iter(sets.values()))[:1]), normalize, channels=n_chans, size=side)
     cav = concepts_cfg.cav if concepts_cfg is not None else CAVConfig()
     overrides = {k: v for k, v in (("solver", args.solver), ("min_accuracy", args.min_accuracy)) if v is not None}
     if overrides:
         cav = CAVConfig(**{**asdict(cav), **overrides})
-    scores = scan_layers(model, inputs, pairs, layers, cav)
+    scores = scan_layers(model, inputs, pairs, layers, cav, blank=blank)
     print(f"CAV held-out accuracy ({cav.solver}, gate {cav.min_accuracy}):")
     print(format_scan(scores))
     report["scan"] = [asdict(s) for s in scores]

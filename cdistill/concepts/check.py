@@ -165,6 +165,7 @@ def scan_layers(
     layers: Sequence[str],
     cav: CAVConfig | None = None,
     batch_size: int = 500,
+    blank: Tensor | None = None,
 ) -> list[LayerScore]:
     """Fit each pair's CAV at each layer, as training would, and report its held-out accuracy.
 
@@ -175,11 +176,16 @@ def scan_layers(
     Args:
         model: The student (left in its own train/eval mode; run in eval mode).
         inputs: Set name -> preprocessed images ``float32 [N, C, H, W]`` (see
-            :func:`cdistill.concepts.preprocess`); must hold every concept and negative of ``pairs``.
+            :func:`cdistill.concepts.preprocess`); must hold every concept and negative of
+            ``pairs``. Give every set of the spec in its order: ``position`` mode seeds each
+            set's row subset with its index, as training does.
         pairs: The CAVs to fit (:func:`term_pairs`).
         layers: Module paths of ``model`` (a wrong one raises, listing close names).
         cav: Solver, gate, held-out fraction and row mode (default :class:`CAVConfig`).
         batch_size: Images per forward pass.
+        blank: ``position`` mode's reference, the preprocessed blank image ``[1, C, H, W]``
+            (training uses an all-zero ``uint8`` image through the same preprocessing);
+            default: zeros after preprocessing.
 
     Returns:
         One :class:`LayerScore` per ``(pair, layer)``, pairs outer and layers inner, in the
@@ -189,7 +195,6 @@ def scan_layers(
     for layer in layers:
         resolve_module(model, layer)
     check_pairs(pairs, list(inputs), "the given sets", where="the concept pairs")
-    needed = [s for s in inputs if any(s == n or s.startswith(f"{n}/") for p in pairs for n in (p.concept, p.negative))]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     per_layer: dict[str, dict[str, Tensor]] = {}
     for layer in layers:
@@ -198,13 +203,14 @@ def scan_layers(
                 model, layer, [inputs[name][i : i + batch_size].to(device) for i in range(0, len(inputs[name]), batch_size)],
                 flatten=False,
             )
-            for name in needed
+            for name in inputs
         }
-        blank = None
-        if cav.cav_mode == "position":  # the reference of position rows: a blank (all-zero) image
-            first = inputs[needed[0]]
-            blank = collect_activations(model, layer, [torch.zeros_like(first[:1]).to(device)], flatten=False)[0]
-        per_layer[layer] = concept_rows(maps, cav, blank)
+        ref = None
+        if cav.cav_mode == "position":  # the reference of position rows: a blank image's activation
+            first = next(iter(inputs.values()))
+            image = blank if blank is not None else torch.zeros_like(first[:1])
+            ref = collect_activations(model, layer, [image.to(device)], flatten=False)[0]
+        per_layer[layer] = concept_rows(maps, cav, ref)
     scores = []
     for pair in pairs:
         for layer in layers:
