@@ -37,6 +37,7 @@ def test_dry_run_checks_and_trains_nothing(make_cfg: MakeCfg) -> None:
     ("model.layer=conv3", r"Unknown layer 'conv3'"),
     ("pipeline.tcav.concept='hue_{y}'", r"pipeline.tcav.concept.*'hue_0'"),
     ("pipeline.tcav.random=grey", r"pool split into >= 2 sets"),
+    ("pipeline.tcav.layer=pool3", r"pipeline.tcav.layer: Unknown layer 'pool3'"),
     ("model.concepts.spec=concepts/nothing.yaml", r"does not exist"),
     ("model.student.in_chans=1", r"3-channel images"),
     ("pipeline.base_ckpt=/no/such/base", r"pipeline.base_ckpt='/no/such/base' does not exist"),

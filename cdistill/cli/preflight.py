@@ -8,7 +8,7 @@ and the fix, in seconds, where the pipeline would otherwise fail after base trai
   terms and CAV settings parse; the erasers' layers exist);
 - the student takes the data's channels and image size;
 - the concept spec loads every set at the data's size and channels, every term's concept and
-  negative exist (``{y}`` expanded per class), and the TCAV concept and random pool exist;
+  negative exist (``{y}`` expanded per class), and the TCAV concept, random pool and layer exist;
 - one forward pass of concept images reaches the layer;
 - with a base model (``pipeline.base_ckpt``): the file loads (``weights_only=True``) into the
   student, and the CAVs are fitted on it exactly as the concept-distillation stage fits them,
@@ -35,7 +35,7 @@ from cdistill.models.load import resolve_weights
 from cdistill.models.students import check_input_channels, check_input_size
 from cdistill.objective.cav_fitter import CAVGateError
 from cdistill.objective.config import ConceptTerm
-from cdistill.utils.capture import collect_activations
+from cdistill.utils.capture import collect_activations, resolve_module
 
 
 def base_checkpoint(cfg: DictConfig, seed: int | None = None) -> str | None:
@@ -114,7 +114,13 @@ def preflight(cfg: DictConfig) -> list[str]:
         if len(pool) < 2:
             raise CdistillError(f"pipeline.tcav.random={tc.random!r}: the concept spec {spec!r} needs it as a pool "
                                 "split into >= 2 sets (e.g. `random: {kind: noise, n: 500, split: 10}`).")
-        done.append(f"TCAV: {len(tcav_pairs)} concepts and the {len(pool)}-set pool {tc.random!r} exist")
+        tcav_layer = str(tc.get("layer") or cfg.model.layer)
+        try:
+            resolve_module(student, tcav_layer)
+        except CdistillError as err:
+            raise CdistillError(f"pipeline.tcav.layer: {err}") from None
+        done.append(f"TCAV: {len(tcav_pairs)} concepts and the {len(pool)}-set pool {tc.random!r} exist; "
+                    f"layer {tcav_layer!r} exists")
     kw = {"channels": datamodule.num_channels, "size": datamodule.image_size}
     inputs = {k: preprocess(v, datamodule.normalize, **kw) for k, v in sets.items()}
     blank = preprocess(torch.zeros_like(next(iter(sets.values()))[:1]), datamodule.normalize, **kw)
