@@ -47,6 +47,7 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.core  # README's promise to a new user: CI runs it
 def test_readme_own_data_commands_run(tmp_path: Path) -> None:
     write_own_data(tmp_path / "my_data")
     for cmd in readme_commands() + readme_commands("scan"):
