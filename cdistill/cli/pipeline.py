@@ -9,6 +9,11 @@
 3. test both under every model-selection protocol, and measure the bias concept's TCAV score
    (with its p-value against random CAVs) on the base and on the distilled model.
 
+Before any training it runs the checks of :mod:`cdistill.cli.preflight` (data, layer, concept
+spec, terms, channels; the CAV gate when a base model is given) and stops after them with
+``pipeline.dry_run=true``. ``pipeline.base_ckpt=<student.pt | .ckpt | run dir>`` (``{seed}`` is
+replaced by each seed) reuses a trained base model: step 1 becomes a test of it, no training.
+
 Then it prints the summary (mean ± std over seeds), writes ``pipeline.md``, ``pipeline.csv``
 and ``pipeline.json`` in the run directory, and logs the summary (``<stage>/<key>``, e.g.
 ``cd/paper/test/acc``, and ``<stage>/<key>_std``) to the configured loggers.
@@ -28,6 +33,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cdistill.cli.preflight import base_checkpoint, dry_run_report, preflight, reuse_config
 from cdistill.cli.tcav_report import summary, tcav_table
 from cdistill.cli.train import CONF_DIR, STUDENT_FILE, instantiate, instantiate_group, train
 from cdistill.errors import CdistillError, exit_on_error
@@ -260,14 +266,24 @@ def run_pipeline(cfg: DictConfig) -> list[dict[str, Any]]:
             "pipeline section), e.g. experiment=color_mnist/cd."
         )
     root = Path(cfg.paths.output_dir)
+    checks = preflight(cfg)  # fail in seconds, before the base model trains
+    if cfg.pipeline.get("dry_run"):
+        log.info("\n" + dry_run_report(checks, root) + f"written to {root}/dry_run.txt")
+        return []
+    log.info("pre-flight checks passed:\n  " + "\n  ".join(checks))
     per_seed: list[dict[str, Any]] = []
     for seed in cfg.pipeline.seeds:
         run_cfg = cfg.copy()
         with open_dict(run_cfg):
             run_cfg.seed = int(seed)
         out = root / f"seed{seed}"
-        base_metrics = train(base_config(run_cfg, out / "base"))
-        base_ckpt = out / "base" / STUDENT_FILE  # the base model's weights after its last epoch
+        reused = base_checkpoint(run_cfg, int(seed))
+        if reused:  # an existing base model: tested, not trained
+            base_metrics = train(reuse_config(base_config(run_cfg, out / "base"), reused))
+            base_ckpt = Path(reused)
+        else:
+            base_metrics = train(base_config(run_cfg, out / "base"))
+            base_ckpt = out / "base" / STUDENT_FILE  # the base model's weights after its last epoch
         cd_metrics = train(distill_config(run_cfg, str(base_ckpt), out / "cd"))
         record: dict[str, Any] = {"seed": int(seed), "base": base_metrics, "cd": cd_metrics}
         if cfg.pipeline.get("ablation"):

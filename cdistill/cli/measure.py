@@ -1,0 +1,233 @@
+"""Measure a trained student without training it: ``cdistill-measure`` (or ``python -m
+cdistill.cli.measure``), a Hydra entry over ``conf/train.yaml`` like ``cdistill-train``::
+
+    cdistill-measure experiment=color_mnist/cd measure.ckpt=logs/.../seed0/cd/student.pt
+    cdistill-measure data=folder data.root=my_data model.student.name=resnet18 \\
+        model.concepts.spec=my_concepts.yaml pipeline.tcav.concept=water measure.ckpt=run/student.pt
+
+The experiment's data and concept spec are used; the student is the experiment's architecture
+with ``measure.ckpt``'s weights (a run's ``student.pt``, a cdistill ``.ckpt``, or a run folder),
+or ``measure.student=<name>`` (registry, ``timm:<m>``, ``torchvision:<m>``) with that file.
+
+Each measure in ``measure.measures`` adds flat metrics; the run directory gets ``measure.json``
+(all of them), ``measure.md`` (tables) and the measures' plots:
+
+- ``accuracy``: per evaluation split ``<split>/acc``, ``acc_aligned``, ``acc_conflicting``,
+  ``acc_worst_group``, ``acc_group_mean`` and ``acc_group<label>_<bias>``; ``groups.png``;
+- ``tcav``: TCAV of ``measure.tcav.concepts`` (default ``pipeline.tcav.concept``) with
+  Holm-corrected p-values against the random pool; ``tcav.png`` and ``tcav.json``.
+
+More measures (e.g. reliance measures) plug in with :func:`register_measure`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cdistill.cli.tcav_report import plot_tcav, summary, tcav_table
+from cdistill.cli.train import CONF_DIR, instantiate
+from cdistill.errors import CdistillError, exit_on_error
+from cdistill.models.load import load_student, resolve_weights
+from cdistill.models.students import check_input_channels, check_input_size, create_student
+from cdistill.objective.config import ConceptsConfig
+from cdistill.tasks.metrics import BiasGroupAccuracy
+from cdistill.utils.capture import eval_mode
+from cdistill.utils.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MeasureContext:
+    """What a measure gets.
+
+    Attributes:
+        student: The trained student (eval mode, on ``device``).
+        datamodule: The experiment's datamodule, set up (``split(name)``, ``normalize``, ...).
+        cfg: The composed config (``measure.*``, ``pipeline.tcav.*``, ``model.*``).
+        out: The run directory (plots go here).
+        device: Where the student lives.
+    """
+
+    student: nn.Module
+    datamodule: Any
+    cfg: DictConfig
+    out: Path
+    device: torch.device
+
+
+#: A measure: context -> flat metrics (``<split>/<name>`` or ``<measure>/<name>``, floats).
+Measure = Callable[[MeasureContext], dict[str, float]]
+MEASURES: Registry[Measure] = Registry("measure", "Set measure.measures to registered names.")
+register_measure = MEASURES.register
+
+
+def eval_splits(datamodule: Any, names: Sequence[str] | None) -> list[str]:
+    """``names``, or the datamodule's validation and test splits."""
+    return list(names) if names else [*datamodule.val_names, *datamodule.test_names]
+
+
+@torch.no_grad()
+def split_accuracy(student: nn.Module, dataset: Any, num_classes: int, num_groups: int, device: torch.device,
+                   batch_size: int = 256) -> dict[str, float]:
+    """Accuracy of ``student`` on ``dataset`` (batches ``{"image", "label", "bias"}``), overall
+    and per bias group (:class:`~cdistill.tasks.metrics.BiasGroupAccuracy`), plus
+    ``acc_group<label>_<bias>`` of every non-empty ``(label, bias)`` group."""
+    groups = BiasGroupAccuracy(num_groups, num_classes)
+    correct = total = 0
+    with eval_mode(student):
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            pred = student(batch["image"].to(device)).argmax(1).cpu()
+            label, bias = batch["label"].long(), batch["bias"].long()
+            correct += int((pred == label).sum())
+            total += len(label)
+            groups.update(pred, label, bias)
+    out = {"acc": correct / max(total, 1)} | {k: float(v) for k, v in groups.compute().items()}
+    seen = groups.group_total > 0
+    for y, b in seen.nonzero().tolist():
+        out[f"acc_group{y}_{b}"] = float(groups.group_correct[y, b]) / float(groups.group_total[y, b])
+    return out
+
+
+@register_measure("accuracy")
+def accuracy_measure(ctx: MeasureContext) -> dict[str, float]:
+    """Per-split and per-group accuracy (see the module docstring); writes ``groups.png``."""
+    dm, cfg = ctx.datamodule, ctx.cfg
+    num_classes = int(dm.num_classes)
+    num_groups = int(getattr(dm, "num_bias_groups", cfg.model.get("num_bias_groups") or num_classes))
+    metrics: dict[str, float] = {}
+    for name in eval_splits(dm, cfg.measure.get("splits")):
+        res = split_accuracy(ctx.student, dm.split(name), num_classes, num_groups, ctx.device)
+        metrics |= {f"{name}/{k}": v for k, v in res.items()}
+    plot_groups(metrics, ctx.out / "groups.png")
+    return metrics
+
+
+def plot_groups(metrics: dict[str, float], path: Path) -> Path:
+    """Bars of overall, worst-group and mean group accuracy per split (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = sorted({k.split("/")[0] for k in metrics if k.endswith("/acc")})
+    keys = [("acc", "all"), ("acc_worst_group", "worst group"), ("acc_group_mean", "group mean")]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(splits)), 3.2))
+    xs = np.arange(len(splits))
+    for i, (key, label) in enumerate(keys):
+        ax.bar(xs + (i - 1) * 0.27, [metrics.get(f"{s}/{key}", np.nan) for s in splits], width=0.27, label=label)
+    ax.set_xticks(xs, splits, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+@register_measure("tcav")
+def tcav_measure(ctx: MeasureContext) -> dict[str, float]:
+    """TCAV with significance (see the module docstring); writes ``tcav.png`` and ``tcav.json``."""
+    cfg, mt, tc = ctx.cfg, ctx.cfg.measure.tcav, ctx.cfg.pipeline.tcav
+    concepts = list(mt.get("concepts") or ([tc.concept] if tc.get("concept") else []))
+    spec = cfg.model.get("concepts", {}).get("spec") if "concepts" in cfg.model else None
+    if not concepts or not spec:
+        raise CdistillError("The tcav measure needs a concept spec (model.concepts.spec) and concepts "
+                            "(measure.tcav.concepts=[...] or pipeline.tcav.concept); or drop it from measure.measures.")
+    layer = str(mt.get("layer") or tc.get("layer") or cfg.model.get("layer") or "")
+    if not layer:
+        raise CdistillError("The tcav measure needs a layer: measure.tcav.layer=<module path> (or model.layer).")
+    solver = ConceptsConfig.from_dict(OmegaConf.to_container(cfg.model.concepts, resolve=True)).cav.solver  # type: ignore[arg-type]
+    scores = tcav_table(ctx.student, ctx.datamodule, str(spec), layer, [str(c) for c in concepts],
+                        random=str(tc.random), target=str(tc.target), solver=solver,
+                        split=str(mt.get("split") or "val"), correction=str(mt.get("correction") or "holm"))
+    plot_tcav(scores, ctx.out / "tcav.png")
+    (ctx.out / "tcav.json").write_text(json.dumps([asdict(s) for s in scores], indent=2))
+    out = summary(scores)
+    for s in scores:
+        out[f"tcav/{s.concept}"] = s.score
+        out[f"tcav_p/{s.concept}"] = s.p_corrected
+    return out
+
+
+def build_student(cfg: DictConfig, datamodule: Any) -> nn.Module:
+    """The student to measure: ``measure.student`` (a name) with ``measure.ckpt``'s weights,
+    else the config's ``model.student`` architecture with them."""
+    ckpt = cfg.measure.get("ckpt")
+    if not ckpt:
+        raise CdistillError("measure.ckpt is not set: give the trained student (a run's student.pt, a cdistill "
+                            ".ckpt, or a run folder), e.g. measure.ckpt=logs/<task>/runs/<run>/student.pt.")
+    file = resolve_weights(str(ckpt), "measure.ckpt")
+    if cfg.measure.get("student"):
+        return load_student(str(cfg.measure.student), weights=file, image_size=int(datamodule.image_size),
+                            in_chans=int(datamodule.num_channels)).model
+    kw = OmegaConf.to_container(cfg.model.student, resolve=True)
+    assert isinstance(kw, dict)
+    student = {str(k): v for k, v in kw.items() if k not in ("init_path", "pretrained", "checkpoint_path")}
+    return create_student(**student, checkpoint_path=str(file))
+
+
+def write_measure_report(metrics: dict[str, float], out: Path, title: str) -> str:
+    """``measure.json`` (every metric) and ``measure.md`` (accuracy per split, then the rest)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "measure.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    splits = sorted({k.split("/")[0] for k in metrics if k.endswith("/acc") and k.count("/") == 1})
+    cols = ["acc", "acc_aligned", "acc_conflicting", "acc_worst_group", "acc_group_mean"]
+    md = [f"# {title}", "", "Accuracy (%) per split:", "", "| split | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for s in splits:
+        cells = [f"{100 * metrics[f'{s}/{c}']:.2f}" if f"{s}/{c}" in metrics else "-" for c in cols]
+        md.append(f"| {s} | " + " | ".join(cells) + " |")
+    rest = {k: v for k, v in metrics.items() if k.split("/")[0] not in splits}
+    if rest:
+        md += ["", "| measure | value |", "|---|---|", *[f"| {k} | {v:.4g} |" for k, v in sorted(rest.items())]]
+    text = "\n".join(md) + "\n"
+    (out / "measure.md").write_text(text)
+    return text
+
+
+def run_measure(cfg: DictConfig) -> dict[str, float]:
+    """Load the data and the student, run every measure of ``measure.measures``, write the report."""
+    names = [str(n) for n in cfg.measure.measures]
+    for name in names:
+        MEASURES.get(name)  # an unknown name fails before anything loads
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("test")
+    student = build_student(cfg, datamodule)
+    check_input_channels(student, datamodule.num_channels, "the measured student")
+    if isinstance(getattr(student, "image_size", None), int):
+        check_input_size(student, int(datamodule.image_size), "the measured student")
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.measure.get("gpu", True) else "cpu")
+    student.to(device).eval()
+    out = Path(str(cfg.measure.get("out") or cfg.paths.output_dir))
+    ctx = MeasureContext(student, datamodule, cfg, out, device)
+    metrics: dict[str, float] = {}
+    for name in names:
+        metrics |= MEASURES.get(name)(ctx)
+    text = write_measure_report(metrics, out, f"{cfg.task_name}: measures of {cfg.measure.ckpt}")
+    log.info("\n" + text + f"\nwritten to {out}/measure.json, measure.md")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@exit_on_error
+def main(cfg: DictConfig) -> None:
+    """Console entry point: ``cdistill-measure experiment=... measure.ckpt=<student>``."""
+    run_measure(cfg)
+
+
+if __name__ == "__main__":
+    main()
