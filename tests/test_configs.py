@@ -113,9 +113,9 @@ def test_experiment_options_compose(make_cfg: MakeCfg, name: str) -> None:
 @pytest.mark.parametrize("bench", ["color_mnist", "decoy_mnist", "texture_mnist"])
 @pytest.mark.parametrize("method", options("erasure"))
 def test_erasure_group_equals_the_experiment_shortcut(make_cfg: MakeCfg, bench: str, method: str) -> None:
-    # experiment=<bench>/<method> is the cd experiment with the erasure group on top, renamed.
+    # experiment=<bench>/<method> is the cd_gradient experiment with the erasure group on top, renamed.
     short = OmegaConf.to_container(make_cfg(f"experiment={bench}/{method}"))
-    group = OmegaConf.to_container(make_cfg(f"experiment={bench}/cd", f"+erasure={method}"))
+    group = OmegaConf.to_container(make_cfg(f"experiment={bench}/cd_gradient", f"+erasure={method}"))
     assert isinstance(short, dict) and isinstance(group, dict)
     assert short.pop("task_name") == f"{bench}_{method}" and short.pop("tags") == [bench, "erasure", method]
     group.pop("task_name"), group.pop("tags")

@@ -137,7 +137,7 @@ def test_unknown_concept_and_gate(dm: ColorMNISTDataModule) -> None:
 
 
 def _run(tmp: Path, name: str, extra: list[str]) -> dict[str, torch.Tensor]:
-    return one_sgd_step_run(tmp, name, "color_mnist/cd", ["model.lambda_p=0.1", "model.concepts.min_accuracy=0.0", *extra])
+    return one_sgd_step_run(tmp, name, "color_mnist/cd_gradient", ["model.lambda_p=0.1", "model.concepts.min_accuracy=0.0", *extra])
 
 
 @pytest.mark.slow

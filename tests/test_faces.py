@@ -202,13 +202,15 @@ def test_proxy_refuses_foreign_folder_and_writes_concept_sets(tmp_path: Path) ->
 # --------------------------------------------------------------------------- experiments
 
 
-@pytest.mark.parametrize("experiment", ["faces/baseline", "faces/cd"])
+@pytest.mark.parametrize("experiment", ["faces/baseline", "faces/cd", "faces/cd_gradient"])
 def test_faces_experiments_fast_dev_run(make_cfg: MakeCfg, tmp_path: Path, experiment: str) -> None:
     cfg = make_cfg(f"experiment={experiment}", "debug=fdr", f"data.root={tmp_path}/proxy", *TINY)
     metrics = train(cfg)
     for key in ("test/acc", "test/acc_aligned", "test/acc_conflicting", "val_reversed/acc"):
         assert 0.0 <= metrics[key] <= 1.0, key
-    if experiment == "faces/cd":
+    if experiment == "faces/cd":  # the default recipe: the counterfactual at the pixels and the stem
+        assert "train/counterfactual" in metrics and "train/output" in metrics
+    if experiment == "faces/cd_gradient":
         assert "train/concept" in metrics
 
 

@@ -270,10 +270,11 @@ def test_unbiased_faces_proxy_has_half_conflicting_training_faces(tmp_path: Path
 def test_marker_cd_experiment_fast_dev_run(make_cfg: MakeCfg) -> None:
     from cdistill.train import train
 
-    cfg = make_cfg("experiment=marker_mnist/cd", "debug=fdr", "data.max_train_samples=200")
-    metrics = train(cfg)
-    assert "train/concept" in metrics
-    assert 0.0 <= metrics["val_reversed/acc"] <= 1.0
+    for experiment, term in (("cd", "train/counterfactual"), ("cd_gradient", "train/concept")):
+        cfg = make_cfg(f"experiment=marker_mnist/{experiment}", "debug=fdr", "data.max_train_samples=200")
+        metrics = train(cfg)
+        assert term in metrics
+        assert 0.0 <= metrics["val_reversed/acc"] <= 1.0
 
 
 def test_oracle_switch_composes_for_every_family(make_cfg: MakeCfg) -> None:

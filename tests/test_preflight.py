@@ -18,7 +18,7 @@ from cdistill.models.students import create_student
 from cdistill.objective.cav_fitter import CAVGateError
 
 MakeCfg = Callable[..., DictConfig]
-CD = ("experiment=color_mnist/cd", "debug=fdr", "data.max_train_samples=128", "pipeline.seeds=[0]")
+CD = ("experiment=color_mnist/cd_gradient", "debug=fdr", "data.max_train_samples=128", "pipeline.seeds=[0]")
 
 
 def test_dry_run_checks_and_trains_nothing(make_cfg: MakeCfg) -> None:

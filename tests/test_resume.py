@@ -132,6 +132,15 @@ def test_sigkill_resume_is_exact_cd_best(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.core
+def test_sigkill_resume_is_exact_default_recipe(tmp_path: Path) -> None:
+    """The default recipe: concept images and counterfactual values drawn by the module's
+    generator every step (a resumed run must draw the same ones)."""
+    full, resumed, _ = kill_and_resume(tmp_path, ["experiment=marker_mnist/cd", *_TINY], 6, by_path=False)
+    assert resumed == full
+
+
+@pytest.mark.slow
+@pytest.mark.core
 def test_sigkill_resume_is_exact_erasure_with_refits(tmp_path: Path) -> None:
     """LEACE refitted after every epoch; resumed by path: continues in the killed run's folder."""
     full, resumed, run = kill_and_resume(tmp_path, ["experiment=color_mnist/leace", *_TINY], 6, by_path=True)
@@ -153,7 +162,7 @@ def test_sigkill_resume_is_exact_iid_cd(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_sigkill_resume_is_exact_faces_cd(tmp_path: Path) -> None:
     """CAV refreshes every 5 steps (one before the kill, one after) on the faces proxy."""
-    args = ["experiment=faces/cd", "data.n_train=200", "data.n_valid=40", "data.n_test=40",
+    args = ["experiment=faces/cd_gradient", "data.n_train=200", "data.n_valid=40", "data.n_test=40",
             "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", "trainer.max_epochs=3",
             "model.concepts.refresh_every_n_steps=5"]
     full, resumed, _ = kill_and_resume(tmp_path, args, 6, by_path=True)

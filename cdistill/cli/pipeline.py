@@ -37,6 +37,7 @@ from cdistill.cli.preflight import base_checkpoint, dry_run_report, preflight, r
 from cdistill.cli.tcav_report import summary, tcav_table
 from cdistill.cli.train import CONF_DIR, STUDENT_FILE, instantiate, instantiate_group, train
 from cdistill.errors import CdistillError, exit_on_error
+from cdistill.models.layers import resolve_layer
 from cdistill.models.students import create_student
 from cdistill.objective.config import ConceptsConfig
 from cdistill.utils.formatting import format_mean_std, mean_std
@@ -100,7 +101,7 @@ def bias_tcav(model: torch.nn.Module, cfg: DictConfig, datamodule: Any) -> dict[
     concepts = OmegaConf.to_container(cfg.model.concepts, resolve=True)
     assert isinstance(concepts, dict)
     scores = tcav_table(
-        model, datamodule, str(cfg.model.concepts.spec), str(tc.get("layer") or cfg.model.layer),
+        model, datamodule, str(cfg.model.concepts.spec), resolve_layer(model, str(tc.get("layer") or cfg.model.layer)),
         [str(tc.concept)], random=str(tc.random), target=str(tc.target),
         solver=ConceptsConfig.from_dict(concepts).cav.solver,
     )
@@ -291,7 +292,7 @@ def run_pipeline(cfg: DictConfig) -> list[dict[str, Any]]:
             own = ablation_key(run_cfg)
             record["ablation"] = {ABLATION[own]: cd_metrics}
             for key, name in ABLATION.items():
-                if key[1] and str(run_cfg.model.layer) == "input":
+                if key[1] and str(run_cfg.model.layer) == "input":  # (auto is never the input)
                     log.info("ablation cell %r skipped: the prototype form has no effect at layer input", name)
                     continue
                 if key != own:

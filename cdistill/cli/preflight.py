@@ -31,6 +31,7 @@ from cdistill.cli.train import check_trainer_limits, instantiate, protocol_metri
 from cdistill.concepts import load_spec, preprocess
 from cdistill.concepts.check import ConceptPair, check_pairs, scan_layers, term_pairs
 from cdistill.errors import CdistillError
+from cdistill.models.layers import resolve_layer
 from cdistill.models.load import resolve_weights
 from cdistill.models.students import check_input_channels, check_input_size
 from cdistill.objective.cav_fitter import CAVGateError
@@ -94,7 +95,8 @@ def preflight(cfg: DictConfig) -> list[str]:
     check_input_channels(student, datamodule.num_channels, name)
     if isinstance(getattr(student, "image_size", None), int):
         check_input_size(student, int(datamodule.image_size), name)
-    done.append(f"model {cfg.model._target_}: student {name} takes the data's images; layer {cfg.model.layer!r} exists")
+    layer = resolve_layer(student, str(cfg.model.layer))
+    done.append(f"model {cfg.model._target_}: student {name} takes the data's images; layer {layer!r} exists")
     if base_ckpt:
         done.append(f"base model {base_ckpt} loads into {name} (weights_only=True)")
     spec = str(cfg.model.concepts.spec)
@@ -114,7 +116,7 @@ def preflight(cfg: DictConfig) -> list[str]:
         if len(pool) < 2:
             raise CdistillError(f"pipeline.tcav.random={tc.random!r}: the concept spec {spec!r} needs it as a pool "
                                 "split into >= 2 sets (e.g. `random: {kind: noise, n: 500, split: 10}`).")
-        tcav_layer = str(tc.get("layer") or cfg.model.layer)
+        tcav_layer = resolve_layer(student, str(tc.get("layer") or layer))
         try:
             resolve_module(student, tcav_layer)
         except CdistillError as err:
@@ -125,10 +127,10 @@ def preflight(cfg: DictConfig) -> list[str]:
     inputs = {k: preprocess(v, datamodule.normalize, **kw) for k, v in sets.items()}
     blank = preprocess(torch.zeros_like(next(iter(sets.values()))[:1]), datamodule.normalize, **kw)
     first = next(iter(inputs.values()))
-    act = collect_activations(student, str(cfg.model.layer), [first[:2]], flatten=False)
-    done.append(f"concept images reach layer {cfg.model.layer!r}: activations {tuple(act.shape[1:])}")
+    act = collect_activations(student, layer, [first[:2]], flatten=False)
+    done.append(f"concept images reach layer {layer!r}: activations {tuple(act.shape[1:])}")
     if base_ckpt and module.needs_cavs and pairs:
-        done.append(gate_check(module, inputs, pairs, str(cfg.model.layer), blank))
+        done.append(gate_check(module, inputs, pairs, layer, blank))
     elif module.needs_cavs:
         done.append("CAV gate: not checked (it needs the trained base model: give pipeline.base_ckpt=<base run>, "
                     "or after base training run `python -m cdistill.concepts check SPEC --model <base> --layers ...`)")

@@ -146,18 +146,19 @@ class ConceptImageTerms:
 
     def _counterfactual(self, model: nn.Module, forward: Callable[[Tensor], Tensor], x: Tensor, y: Tensor,
                         generator: torch.Generator | None, acts: dict[str, Sequence[Tensor]]) -> Tensor:
-        """Mean over layers and shiftable terms of the cross-entropy of the shifted training batch."""
+        """Sum over layers (mean over shiftable terms) of the cross-entropy of the shifted training batch."""
         starts, i = {}, 0
         for s in self.sets:
             starts[id(s)] = i
             i += len(s.values) + 1
-        total, count = x.new_zeros(()), 0
+        total, terms = x.new_zeros(()), 0
         for s in self.shiftable:
             classes = torch.tensor(s.classes, device=y.device)
             match = y[:, None] == classes[None]  # [B, V]
             keep = match.any(1)  # samples of a class the term acts on
             if not bool(keep.any()):
                 continue
+            terms += 1
             own = match.float().argmax(1)
             # another value, uniformly among the V - 1 others
             step = torch.randint(1, len(classes), y.shape, generator=generator).to(y.device)
@@ -173,8 +174,8 @@ class ConceptImageTerms:
                 delta = delta * keep.view(-1, *[1] * (delta.dim() - 1)).to(delta.dtype)
                 logits = _shifted_forward(model, forward, sl.layer, x, delta)
                 total = total + F.cross_entropy(logits[keep], y[keep])
-                count += 1
-        return total / max(count, 1)
+        # A sum over layers: each layer's counterfactual is a separate constraint of weight λ_s.
+        return total / max(terms, 1)
 
     @staticmethod
     @torch.no_grad()

@@ -1,6 +1,7 @@
 """ConceptDistillModule: task loss + concept loss + prototype loss + local loss.
 
-``L = L_task + λ_c Σ_t w_t L_c,t + λ_p L_p + λ_L L_local`` (docs/methods.md §2.7); a term is
+``L = L_task + λ_c Σ_t w_t L_c,t + λ_p L_p + λ_L L_local + λ_o L_out + λ_s L_cf`` (docs/methods.md
+§2.7; the concept-image terms ``L_out`` and ``L_cf``: §2.8-2.9, :mod:`cdistill.objective.concept_images`); a term is
 computed only when its λ is > 0, and every term is logged (``train/task``, ``train/concept``,
 ``train/concept/<term>``, ``train/prototype``, ``train/local``).
 
@@ -24,6 +25,7 @@ from cdistill.concepts.cav import CAVBank
 from cdistill.erasure import LowRankEraser
 from cdistill.erasure.hooks import eraser_key
 from cdistill.errors import CdistillError
+from cdistill.models.layers import resolve_layer
 from cdistill.objective.cav_fitter import CAVFitter
 from cdistill.objective.concept_images import ConceptImageTerms, load_image_sets
 from cdistill.objective.config import (
@@ -103,6 +105,7 @@ class ConceptDistillModule(ConceptArtefactsMixin):
                  (("concepts", concepts), ("prototypes", prototypes), ("local", local))}
         erasure, teacher = (dict(to_plain(v) or {}) or None for v in (erasure, teacher))
         ObjectiveConfig(form, target, lambda_c, lambda_p, lambda_l, lambda_o, lambda_s)
+        layer = resolve_layer(self.student, layer)  # auto: the stem (cdistill/models/layers.py)
         self.concepts_cfg = ConceptsConfig.from_dict(plain["concepts"])
         for key, value in (("lambda_c", lambda_c), ("lambda_o", lambda_o), ("lambda_s", lambda_s)):
             if value > 0 and not self.concepts_cfg.terms:

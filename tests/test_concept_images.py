@@ -1,0 +1,131 @@
+"""The concept-image terms: concept-only predictions (§2.8) and latent counterfactuals (§2.9)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdistill.errors import CdistillError
+from cdistill.objective.concept_images import ConceptImageSet, ConceptImageTerms
+from cdistill.objective.concept_outputs import output_divergence
+from cdistill.objective.config import CounterfactualConfig, OutputConfig
+from cdistill.objective.counterfactual import ShiftLayer, added, foreground, shift, value_means
+
+
+def test_uniform_divergence_is_zero_only_at_uniform() -> None:
+    assert output_divergence(torch.zeros(4, 10), "uniform").item() == pytest.approx(0.0, abs=1e-6)
+    confident = torch.zeros(4, 10)
+    confident[:, 3] = 8.0
+    value = output_divergence(confident, "uniform").item()
+    # KL(u || p) with p = softmax([8, 0, ...]): -log 10 - mean_j log p_j
+    logp = F.log_softmax(confident[0], 0)
+    assert value == pytest.approx(float(-math.log(10) - logp.mean()), rel=1e-5)
+
+
+def test_negative_and_pooled_targets() -> None:
+    concept = torch.randn(6, 5, requires_grad=True)
+    negative = torch.randn(7, 5)
+    q = F.softmax(negative, 1).mean(0)
+    expected = (q * (q.log() - F.log_softmax(concept, 1))).sum(1).mean()
+    got = output_divergence(concept, "negative", negative)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    got.backward()
+    assert concept.grad is not None and concept.grad.abs().sum() > 0
+    same = torch.randn(1, 5).expand(6, 5)  # all predictions equal: nothing depends on the value
+    assert output_divergence(same, "pooled").item() == pytest.approx(0.0, abs=1e-6)
+    assert output_divergence(torch.randn(6, 5), "pooled").item() > 0
+    with pytest.raises(ValueError, match="needs the negative"):
+        output_divergence(concept, "negative")
+
+
+def test_shift_layer_parse_and_errors() -> None:
+    assert ShiftLayer.parse("pool1") == ShiftLayer("pool1", "flatten")
+    assert ShiftLayer.parse("input:position") == ShiftLayer("input", "position")
+    with pytest.raises(CdistillError, match="not one of"):
+        ShiftLayer.parse("pool1:sideways")
+    with pytest.raises(CdistillError, match="sideways"):
+        CounterfactualConfig.from_dict({"layers": ["input:sideways"]})
+    assert [str(s) for s in CounterfactualConfig().layers_for("pool1")] == ["input:position", "pool1"]
+    with pytest.raises(CdistillError, match=r"model\.outputs\.target"):
+        OutputConfig(target="entropy")
+
+
+def test_position_shift_lands_on_foreground_only() -> None:
+    blank = torch.zeros(1, 3, 4, 4)
+    acts = torch.zeros(2, 3, 4, 4)
+    acts[0, :, 1, 1] = 1.0  # one foreground position in sample 0, two in sample 1
+    acts[1, :, 2, 2:] = 1.0
+    concept = [torch.zeros(3, 3, 4, 4), torch.zeros(3, 3, 4, 4)]
+    concept[0][:, 0, 0, 0] = 2.0  # value 0: channel 0 where drawn
+    concept[1][:, 1, 3, 3] = 4.0  # value 1: channel 1 where drawn
+    means = value_means(concept, blank, "position")
+    assert torch.allclose(means, torch.tensor([[2.0, 0, 0], [0, 4.0, 0]]))
+    delta = shift(means, torch.tensor([0, 1]), torch.tensor([1, 0]), "position", acts, blank)
+    assert torch.equal(delta[0, :, 1, 1], torch.tensor([-2.0, 4.0, 0]))
+    assert delta[0].abs().sum() == 6.0  # nowhere else
+    assert torch.equal(delta[1, :, 2, 2], torch.tensor([2.0, -4.0, 0])) and delta[1].abs().sum() == 12.0
+    assert torch.equal(foreground(acts, blank)[1, 0], acts[1, 0])
+    flat = shift(value_means(concept, blank, "flatten"), torch.tensor([0]), torch.tensor([1]), "flatten")
+    assert flat.shape == (1, 3, 4, 4)
+
+
+def test_added_hook_is_removed_even_on_error() -> None:
+    layer = nn.Identity()
+    with pytest.raises(RuntimeError), added(layer, torch.ones(1)):
+        assert layer(torch.zeros(1)).item() == 1.0
+        raise RuntimeError("boom")
+    assert layer(torch.zeros(1)).item() == 0.0 and not layer._forward_hooks
+
+
+class _TwoChannel(nn.Module):
+    """Logits from channel 0 (the 'shape') and, with ``reads_cue``, channel 1 (the cue)."""
+
+    def __init__(self, reads_cue: bool) -> None:
+        super().__init__()
+        self.input = nn.Identity()
+        self.head = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[-3.0, -9.0 * reads_cue], [3.0, 9.0 * reads_cue]]))
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.input(x).mean((2, 3)))
+
+
+def _cue_sets() -> list[ConceptImageSet]:
+    # Value k: channel 1 at level 2k - 1 (no 'shape' in channel 0); class k.
+    values = [torch.zeros(5, 2, 3, 3), torch.zeros(5, 2, 3, 3)]
+    values[0][:, 1], values[1][:, 1] = -1.0, 1.0
+    return [ConceptImageSet(values, [0, 1], torch.zeros(5, 2, 3, 3), sensitize=False, weight=1.0)]
+
+
+@pytest.mark.parametrize("mode", ["flatten", "position"])
+def test_counterfactual_cost_falls_when_the_cue_is_not_read(mode: str) -> None:
+    x = torch.zeros(4, 2, 3, 3)
+    y = torch.tensor([0, 1, 0, 1])
+    x[:, 0] = (2 * y - 1).view(-1, 1, 1).float()  # the shape says the class ...
+    x[:, 1] = (2 * y - 1).view(-1, 1, 1).float()  # ... and so does the cue (100% correlated)
+    out = {}
+    for reads in (True, False):
+        model = _TwoChannel(reads)
+        terms = ConceptImageTerms(_cue_sets(), torch.zeros(1, 2, 3, 3), OutputConfig(per_set=5),
+                                  [ShiftLayer("input", mode)])
+        res = terms(model, model, x, y, torch.Generator().manual_seed(0))
+        out[reads] = res
+        task = F.cross_entropy(model(x), y)
+        if not reads:  # the counterfactual only moves the cue: nothing changes for this model
+            assert res["counterfactual"].item() == pytest.approx(task.item(), rel=1e-5)
+    assert out[True]["counterfactual"] > out[False]["counterfactual"] + 2.0  # the moved cue flips its answer
+    # Concept-only predictions: the cue-reader tells the values apart, the other predicts uniformly.
+    assert out[True]["output"] > 0.1 and out[False]["output"].item() == pytest.approx(0.0, abs=1e-6)
+    out[True]["counterfactual"].backward()
+
+
+def test_counterfactual_needs_a_term_with_values() -> None:
+    one = [ConceptImageSet([torch.zeros(2, 1, 2, 2)], [0], torch.zeros(2, 1, 2, 2), sensitize=False, weight=1.0)]
+    with pytest.raises(CdistillError, match=r"\{y\}"):
+        ConceptImageTerms(one, torch.zeros(1, 1, 2, 2), OutputConfig(), [ShiftLayer("input")])
