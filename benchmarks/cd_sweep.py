@@ -1,6 +1,6 @@
 """Sweep concept-distillation knobs through the whole pipeline, one setting at a time.
 
-    python benchmarks/cd_sweep.py --name lc10 --seeds 0 -- experiment=color_mnist/cd model.lambda_c=10
+    python benchmarks/cd_sweep.py --name lc10 --seeds 0 -- experiment=color_mnist/cd_gradient model.lambda_c=10
     python benchmarks/cd_sweep.py --table benchmarks/results/cd_sweep.jsonl
 
 Each call runs ``pipeline.py`` (base model -> concept distillation -> test under every
