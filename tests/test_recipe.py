@@ -94,3 +94,14 @@ def test_auto_layer_is_the_stem() -> None:
     assert resolve_layer(create_student("mnist_cnn"), "conv2") == "conv2"
     with pytest.raises(CdistillError, match="no activation module"):
         stem_layer(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()))
+
+
+def test_pipeline_warns_when_the_concept_loss_is_satisfied_but_nothing_moved() -> None:
+    from cdistill.cli.pipeline import stalled_warnings
+
+    base = {"val_reversed/acc_conflicting": 0.10}
+    dodged = {"seed": 0, "base": base, "cd": {"train/concept": 0.003, "val_reversed/acc_conflicting": 0.105}}
+    moved = {"seed": 1, "base": base, "cd": {"train/concept": 0.003, "val_reversed/acc_conflicting": 0.40}}
+    unsatisfied = {"seed": 2, "base": base, "cd": {"train/output": 0.9, "val_reversed/acc_conflicting": 0.10}}
+    warnings = stalled_warnings([dodged, moved, unsatisfied])
+    assert len(warnings) == 1 and warnings[0].startswith("seed 0: train/concept = 0.0030")

@@ -188,6 +188,37 @@ def _md_table(rows: Sequence[Mapping[str, Any]], with_unit: bool) -> list[str]:
     return md
 
 
+#: A concept term under this value counts as satisfied (the logged last-epoch mean).
+SATISFIED = 0.05
+#: Bias-conflicting validation accuracy must rise by at least this much (a fraction) to count as moved.
+MOVED = 0.02
+
+
+def _conflicting(metrics: Mapping[str, float]) -> float | None:
+    for key in ("val_reversed/acc_conflicting", "val_reversed/acc", "val/acc_conflicting"):
+        if key in metrics:
+            return float(metrics[key])
+    return None
+
+
+def stalled_warnings(per_seed: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One warning per seed whose concept term is satisfied (``train/concept`` or
+    ``train/output`` under :data:`SATISFIED`) while bias-conflicting validation accuracy (last
+    epoch) rose by less than :data:`MOVED` over the base model's: a loss near 0 is not debiasing."""
+    out = []
+    for r in per_seed:
+        base, cd = r.get("base", {}), r.get("cd", {})
+        term = next((k for k in ("train/concept", "train/output") if k in cd), None)
+        before, after = _conflicting(base), _conflicting(cd)
+        if term is None or before is None or after is None:
+            continue
+        if float(cd[term]) < SATISFIED and after - before < MOVED:
+            out.append(f"seed {r.get('seed')}: {term} = {float(cd[term]):.4f} (satisfied) but bias-conflicting "
+                       f"validation accuracy moved {100 * before:.1f}% -> {100 * after:.1f}%: the model may read "
+                       "the cue in a way the concept term does not see (docs/methods.md §2.8).")
+    return out
+
+
 def write_report(rows: list[dict[str, Any]], per_seed: list[dict[str, Any]], out: Path, title: str) -> str:
     """Write ``pipeline.md`` (accuracies and TCAV in separate tables, one unit each),
     ``pipeline.csv`` (numeric: one row per metric with its unit, mean and std in separate
@@ -199,6 +230,11 @@ def write_report(rows: list[dict[str, Any]], per_seed: list[dict[str, Any]], out
     if tcav:
         md += ["", "Bias TCAV (score and share: fractions in [0, 1]; p: probability), mean ± std:", "",
                *_md_table(tcav, True)]
+    warnings = stalled_warnings(per_seed)
+    for w in warnings:
+        log.warning(w)
+    if warnings:
+        md += ["", "**Warnings**", "", *(f"- {w}" for w in warnings)]
     text = "\n".join(md) + "\n"
     (out / "pipeline.md").write_text(text)
     with (out / "pipeline.csv").open("w", newline="") as f:
