@@ -67,7 +67,7 @@ def test_readme_own_data_commands_run(tmp_path: Path) -> None:
     assert {"test/acc_worst_group", "test/acc_group_mean", "val/acc", "tcav", "tcav_p"} <= set(measured)
     assert 0.0 <= measured["test/acc_worst_group"] <= measured["test/acc_group_mean"] <= 1.0
     gate = (tmp_path / "runs" / "dry_gate" / "dry_run.txt").read_text()
-    assert re.search(r"CAV gate on the base model at 'conv2': [12]/2 pairs pass", gate), gate
+    assert re.search(r"CAV gate on the base model at 'pool1': [12]/2 pairs pass", gate), gate
     scan = json.loads((tmp_path / "concept_check" / "check.json").read_text())["scan"]
     assert {s["layer"] for s in scan} == {"conv1", "relu1", "pool1", "conv2", "relu2", "pool2"} and len(scan) == 12
     for png in ("groups.png", "tcav.png"):

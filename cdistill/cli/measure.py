@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 from cdistill.cli.tcav_report import plot_tcav, summary, tcav_table
 from cdistill.cli.train import CONF_DIR, instantiate
 from cdistill.errors import CdistillError, exit_on_error
+from cdistill.models.layers import resolve_layer
 from cdistill.models.load import load_student, resolve_weights
 from cdistill.models.students import check_input_channels, check_input_size, create_student
 from cdistill.objective.config import ConceptsConfig
@@ -152,6 +153,7 @@ def tcav_measure(ctx: MeasureContext) -> dict[str, float]:
     if not layer:
         raise CdistillError("The tcav measure needs a layer: measure.tcav.layer=<module path> (or model.layer).")
     solver = ConceptsConfig.from_dict(OmegaConf.to_container(cfg.model.concepts, resolve=True)).cav.solver  # type: ignore[arg-type]
+    layer = resolve_layer(ctx.student, layer)  # model.layer=auto: the stem
     scores = tcav_table(ctx.student, ctx.datamodule, str(spec), layer, [str(c) for c in concepts],
                         random=str(tc.random), target=str(tc.target), solver=solver,
                         split=str(mt.get("split") or "val"), correction=str(mt.get("correction") or "holm"))

@@ -41,6 +41,7 @@ from cdistill.concepts.check import (
 )
 from cdistill.concepts.sets import load_spec, preprocess
 from cdistill.errors import CdistillError
+from cdistill.models.layers import resolve_layer
 from cdistill.models.students import first_conv
 from cdistill.objective.config import CAVConfig, ConceptsConfig, ConceptTerm
 
@@ -155,7 +156,8 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         _write(out, report)
         return report
     model = loaded.model
-    layers = args.layers or ([str(cfg.model.layer)] if cfg is not None and cfg.model.get("layer") else default_layers(model))
+    layers = args.layers or ([resolve_layer(model, str(cfg.model.layer))] if cfg is not None and cfg.model.get("layer")
+                             else default_layers(model))
     print(activation_note(model))
     mean, std = _stats(args, loaded, datamodule, sets, int(channels or next(iter(sets.values())).shape[1]))
     side = int(size or next(iter(sets.values())).shape[-1])
