@@ -19,7 +19,7 @@ from cdistill.errors import CdistillError
 from cdistill.objective.concept_outputs import output_divergence, sample_rows
 from cdistill.objective.config import ConceptTerm, OutputConfig
 from cdistill.objective.counterfactual import ShiftLayer, added, shift, value_means
-from cdistill.utils.capture import capture, resolve_module
+from cdistill.utils.capture import capture, resolve_module, stop_after
 
 #: The layer name of the image itself (a student without an ``input`` module is shifted in pixels).
 INPUT = "input"
@@ -180,8 +180,10 @@ class ConceptImageTerms:
     @staticmethod
     @torch.no_grad()
     def _layer_acts(model: nn.Module, forward: Callable[[Tensor], Tensor], layer: str, x: Tensor) -> Tensor:
+        """``layer``'s output for ``x`` (where a position-mode shift lands); the forward stops there."""
         if layer == INPUT and INPUT not in dict(model.named_modules()):
             return x
-        with capture(model, layer, detach=True) as store:
+        # stop_after registers after the capture hook, so the capture sees the output first.
+        with capture(model, layer, detach=True) as store, stop_after(resolve_module(model, layer)):
             forward(x)
         return store[layer]
