@@ -76,11 +76,15 @@ def load_image_sets(
     return sets, blank
 
 
+def _is_pixels(model: nn.Module, layer: str) -> bool:
+    """``layer`` is the image itself: ``input`` on a model without such a module."""
+    return layer == INPUT and INPUT not in dict(model.named_modules())
+
+
 def _shifted_forward(model: nn.Module, forward: Callable[[Tensor], Tensor], layer: str, x: Tensor,
                      delta: Tensor) -> Tensor:
-    """``forward(x)`` with ``delta`` added to ``layer``'s output (to the pixels for ``input``
-    when the model has no such module)."""
-    if layer == INPUT and INPUT not in dict(model.named_modules()):
+    """``forward(x)`` with ``delta`` added to ``layer``'s output (to the pixels, see :func:`_is_pixels`)."""
+    if _is_pixels(model, layer):
         return forward(x + delta)
     with added(resolve_module(model, layer), delta):
         return forward(x)
@@ -120,11 +124,11 @@ class ConceptImageTerms:
                    for s in self.sets for s_images in (*s.values, s.negatives)]
         sizes = [len(b) for b in batches] + [1]
         layers = [sl.layer for sl in self.layers] if counterfactual else []
-        module_layers = [name for name in layers if name in dict(model.named_modules())]
+        module_layers = [name for name in layers if not _is_pixels(model, name)]
         images = torch.cat([*batches, self.blank])
         with capture(model, module_layers, detach=True) as store:
             logits = forward(images).split(sizes)
-        acts = {name: store[name] for name in module_layers} | {name: images for name in layers if name not in module_layers}
+        acts = {name: images if _is_pixels(model, name) else store[name] for name in layers}
         out = {"output": self._output(logits)}
         if counterfactual and self.layers:
             out["counterfactual"] = self._counterfactual(model, forward, x, y, generator,
@@ -151,6 +155,8 @@ class ConceptImageTerms:
         for s in self.sets:
             starts[id(s)] = i
             i += len(s.values) + 1
+        # Where each position-mode shift lands: the training batch's own map at that layer.
+        here = {sl.layer: self._layer_acts(model, forward, sl.layer, x) for sl in self.layers if sl.mode == "position"}
         total, terms = x.new_zeros(()), 0
         for s in self.shiftable:
             classes = torch.tensor(s.classes, device=y.device)
@@ -167,10 +173,7 @@ class ConceptImageTerms:
                 chunks = acts[sl.layer]
                 blank = chunks[-1]
                 means = value_means(chunks[starts[id(s)] : starts[id(s)] + len(s.values)], blank, sl.mode)
-                here = None
-                if sl.mode == "position":
-                    here = self._layer_acts(model, forward, sl.layer, x)
-                delta = shift(means, own, other, sl.mode, here, blank)
+                delta = shift(means, own, other, sl.mode, here.get(sl.layer), blank)
                 delta = delta * keep.view(-1, *[1] * (delta.dim() - 1)).to(delta.dtype)
                 logits = _shifted_forward(model, forward, sl.layer, x, delta)
                 total = total + F.cross_entropy(logits[keep], y[keep])
@@ -181,7 +184,7 @@ class ConceptImageTerms:
     @torch.no_grad()
     def _layer_acts(model: nn.Module, forward: Callable[[Tensor], Tensor], layer: str, x: Tensor) -> Tensor:
         """``layer``'s output for ``x`` (where a position-mode shift lands); the forward stops there."""
-        if layer == INPUT and INPUT not in dict(model.named_modules()):
+        if _is_pixels(model, layer):
             return x
         # stop_after registers after the capture hook, so the capture sees the output first.
         with capture(model, layer, detach=True) as store, stop_after(resolve_module(model, layer)):

@@ -27,7 +27,7 @@ from cdistill.erasure.hooks import eraser_key
 from cdistill.errors import CdistillError
 from cdistill.models.layers import resolve_layer
 from cdistill.objective.cav_fitter import CAVFitter
-from cdistill.objective.concept_images import ConceptImageTerms, load_image_sets
+from cdistill.objective.concept_images import INPUT, ConceptImageTerms, load_image_sets
 from cdistill.objective.config import (
     ConceptsConfig,
     CounterfactualConfig,
@@ -114,7 +114,7 @@ class ConceptDistillModule(ConceptArtefactsMixin):
         self.counterfactual_cfg = CounterfactualConfig.from_dict(dict(to_plain(counterfactual) or {}))
         self.shift_layers = self.counterfactual_cfg.layers_for(layer) if lambda_s > 0 else []
         for sl in self.shift_layers:
-            if sl.layer != "input":  # the pixels are always there
+            if sl.layer != INPUT:  # the pixels are always there
                 resolve_module(self.student, sl.layer)
         self.proto_cfg = PrototypeConfig.from_dict(plain["prototypes"])
         self.local_cfg = LocalConfig.from_dict(plain["local"])
