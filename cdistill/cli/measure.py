@@ -38,8 +38,9 @@ from torch.utils.data import DataLoader
 
 from cdistill.cli.tcav_report import plot_tcav, summary, tcav_table
 from cdistill.cli.train import CONF_DIR, instantiate
+from cdistill.concepts.layer_choice import LayerChoiceError, auto_layer, recorded_layer
 from cdistill.errors import CdistillError, exit_on_error
-from cdistill.models.layers import resolve_layer
+from cdistill.models.layers import is_auto, resolve_layer
 from cdistill.models.load import load_student, resolve_weights
 from cdistill.models.students import check_input_channels, check_input_size, create_student
 from cdistill.objective.config import ConceptsConfig
@@ -153,7 +154,7 @@ def tcav_measure(ctx: MeasureContext) -> dict[str, float]:
     if not layer:
         raise CdistillError("The tcav measure needs a layer: measure.tcav.layer=<module path> (or model.layer).")
     solver = ConceptsConfig.from_dict(OmegaConf.to_container(cfg.model.concepts, resolve=True)).cav.solver  # type: ignore[arg-type]
-    layer = resolve_layer(ctx.student, layer)  # model.layer=auto: the stem
+    layer = measured_layer(ctx, layer)
     scores = tcav_table(ctx.student, ctx.datamodule, str(spec), layer, [str(c) for c in concepts],
                         random=str(tc.random), target=str(tc.target), solver=solver,
                         split=str(mt.get("split") or "val"), correction=str(mt.get("correction") or "holm"))
@@ -164,6 +165,25 @@ def tcav_measure(ctx: MeasureContext) -> dict[str, float]:
         out[f"tcav/{s.concept}"] = s.score
         out[f"tcav_p/{s.concept}"] = s.p_corrected
     return out
+
+
+def measured_layer(ctx: MeasureContext, layer: str) -> str:
+    """``layer``, with ``auto`` read as the layer the measured run chose (its ``layer_choice.json``),
+    else chosen by the CAV scan of the measured model itself (a base model: what a concept run
+    from it would choose), else (no concept terms, or no layer passes: warned) the stem."""
+    if not is_auto(layer):
+        return layer
+    recorded = recorded_layer(resolve_weights(str(ctx.cfg.measure.ckpt), "measure.ckpt"))
+    if recorded is not None:
+        return recorded
+    concepts = ctx.cfg.model.get("concepts") if "concepts" in ctx.cfg.model else None
+    if concepts is not None and concepts.get("terms"):
+        try:
+            return auto_layer(ctx.student, ctx.datamodule, OmegaConf.to_container(concepts, resolve=True),  # type: ignore[arg-type]
+                              int(ctx.cfg.model.num_classes)).layer
+        except LayerChoiceError as err:  # a measure still runs (a concept the model does not read scores so)
+            log.warning("%s\nThe measure uses the stem; set measure.tcav.layer to choose.", err)
+    return resolve_layer(ctx.student, layer)
 
 
 def build_student(cfg: DictConfig, datamodule: Any) -> nn.Module:

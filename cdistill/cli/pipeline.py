@@ -5,7 +5,8 @@
 1. train the biased base model (the experiment's student and optimizer, plain cross-entropy,
    ``pipeline.base_epochs`` epochs);
 2. fine-tune it with the experiment's concept-distillation module (CAVs and prototypes are
-   fitted on the base model when training starts);
+   fitted on the base model when training starts; ``model.layer=auto`` is chosen first, from the
+   base model's CAV scan, and written to ``seed<k>/layer_choice.json``);
 3. test both under every model-selection protocol, and measure the bias concept's TCAV score
    (with its p-value against random CAVs) on the base and on the distilled model.
 
@@ -35,7 +36,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cdistill.cli.preflight import base_checkpoint, dry_run_report, preflight, reuse_config
 from cdistill.cli.tcav_report import summary, tcav_table
-from cdistill.cli.train import CONF_DIR, STUDENT_FILE, instantiate, instantiate_group, train
+from cdistill.cli.train import (
+    CONF_DIR,
+    LAYER_CHOICE_FILE,
+    STUDENT_FILE,
+    instantiate,
+    instantiate_group,
+    train,
+)
+from cdistill.concepts.layer_choice import config_layer
 from cdistill.errors import CdistillError, exit_on_error
 from cdistill.models.layers import resolve_layer
 from cdistill.models.students import create_student
@@ -67,6 +76,21 @@ def distill_config(cfg: DictConfig, base_ckpt: str, out: Path) -> DictConfig:
         cd.model.student.checkpoint_path = base_ckpt
         cd.paths.output_dir = str(out)
     return cd
+
+
+def fix_auto_layer(cfg: DictConfig, datamodule: Any, base_ckpt: str, out: Path) -> DictConfig:
+    """``cfg`` with ``model.layer=auto`` replaced by the layer the CAV scan of the base model
+    chooses (written to ``<out>/layer_choice.json``); ``cfg`` itself otherwise."""
+    choice = config_layer(cfg.model, datamodule, checkpoint=base_ckpt)
+    if choice is None:
+        return cfg
+    fixed = cfg.copy()
+    with open_dict(fixed):
+        fixed.model.layer = choice.layer
+    for folder in (out, out / "cd"):  # the seed's, and the CD run's (where measures look)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / LAYER_CHOICE_FILE).write_text(json.dumps(choice.to_dict(), indent=2))
+    return fixed
 
 
 #: The paper's ablation: (teacher on?, prototypes on?) -> column name.
@@ -321,6 +345,10 @@ def run_pipeline(cfg: DictConfig) -> list[dict[str, Any]]:
         else:
             base_metrics = train(base_config(run_cfg, out / "base"))
             base_ckpt = out / "base" / STUDENT_FILE  # the base model's weights after its last epoch
+        datamodule = instantiate(run_cfg.data)
+        # model.layer=auto: chosen once per seed on its base model, for the CD run, the ablation
+        # cells and TCAV alike (cdistill/concepts/layer_choice.py).
+        run_cfg = fix_auto_layer(run_cfg, datamodule, str(base_ckpt), out)
         cd_metrics = train(distill_config(run_cfg, str(base_ckpt), out / "cd"))
         record: dict[str, Any] = {"seed": int(seed), "base": base_metrics, "cd": cd_metrics}
         if cfg.pipeline.get("ablation"):
@@ -335,7 +363,6 @@ def run_pipeline(cfg: DictConfig) -> list[dict[str, Any]]:
                     var = variant_config(run_cfg, *key)
                     record["ablation"][name] = train(distill_config(var, str(base_ckpt), out / f"cd_{name.replace(', ', '_').replace(' ', '-')}"))
         if cfg.pipeline.tcav.enabled:
-            datamodule = instantiate(run_cfg.data)
             datamodule.setup("fit")
             record["base"].update(_tcav_of(str(base_ckpt), run_cfg, datamodule))
             cd_ckpt = out / "cd" / STUDENT_FILE

@@ -12,7 +12,8 @@ and the fix, in seconds, where the pipeline would otherwise fail after base trai
 - one forward pass of concept images reaches the layer;
 - with a base model (``pipeline.base_ckpt``): the file loads (``weights_only=True``) into the
   student, and the CAVs are fitted on it exactly as the concept-distillation stage fits them,
-  so a gate failure (every CAV under ``model.concepts.min_accuracy``) shows here.
+  so a gate failure (every CAV under ``model.concepts.min_accuracy``) shows here; with
+  ``model.layer=auto`` that is the layer choice's scan (no candidate passing fails here).
 
 Without a base model the CAV gate cannot be checked: its accuracies depend on the trained base
 model. ``python -m cdistill.concepts check SPEC --model <base> --layers ...`` scans layers once
@@ -30,8 +31,9 @@ from omegaconf import DictConfig, open_dict
 from cdistill.cli.train import check_trainer_limits, instantiate, protocol_metric
 from cdistill.concepts import load_spec, preprocess
 from cdistill.concepts.check import ConceptPair, check_pairs, scan_layers, term_pairs
+from cdistill.concepts.layer_choice import MAX_IMAGES, choose_layer
 from cdistill.errors import CdistillError
-from cdistill.models.layers import resolve_layer
+from cdistill.models.layers import candidate_layers, is_auto, resolve_layer
 from cdistill.models.load import resolve_weights
 from cdistill.models.students import check_input_channels, check_input_size
 from cdistill.objective.cav_fitter import CAVGateError
@@ -95,7 +97,7 @@ def preflight(cfg: DictConfig) -> list[str]:
     check_input_channels(student, datamodule.num_channels, name)
     if isinstance(getattr(student, "image_size", None), int):
         check_input_size(student, int(datamodule.image_size), name)
-    layer = resolve_layer(student, str(cfg.model.layer))
+    layer = resolve_layer(student, str(cfg.model.layer))  # auto: the stem until the base model is scanned below
     done.append(f"model {cfg.model._target_}: student {name} takes the data's images; layer {layer!r} exists")
     if base_ckpt:
         done.append(f"base model {base_ckpt} loads into {name} (weights_only=True)")
@@ -129,7 +131,17 @@ def preflight(cfg: DictConfig) -> list[str]:
     first = next(iter(inputs.values()))
     act = collect_activations(student, layer, [first[:2]], flatten=False)
     done.append(f"concept images reach layer {layer!r}: activations {tuple(act.shape[1:])}")
-    if base_ckpt and module.needs_cavs and pairs:
+    if is_auto(cfg.model.layer) and module.concepts_cfg.terms:
+        if base_ckpt:  # the CAV scan the training run will do (cdistill/concepts/layer_choice.py)
+            capped = {k: v[:MAX_IMAGES] for k, v in inputs.items()}
+            choice = choose_layer(student, capped, module.concepts_cfg.terms, num_classes, module.concepts_cfg.cav,
+                                  blank=blank)
+            layer = choice.layer
+            done.append(choice.summary())
+        else:
+            done.append(f"model.layer=auto: chosen after base training from the base model's CAV scan among "
+                        f"{candidate_layers(student)}; the stem {layer!r} is checked here")
+    if base_ckpt and module.needs_cavs and pairs:  # λ_c's CAVs (concept vs negative), at the chosen layer too
         done.append(gate_check(module, inputs, pairs, layer, blank))
     elif module.needs_cavs:
         done.append("CAV gate: not checked (it needs the trained base model: give pipeline.base_ckpt=<base run>, "

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
+from cdistill.concepts.layer_choice import CHOICE_FILE, LayerChoice, config_layer
 from cdistill.errors import CdistillError, exit_on_error
 from cdistill.models.students import check_input_channels, check_input_size
 from cdistill.utils.checkpoint_files import check_resume_checkpoint
@@ -35,6 +36,8 @@ register_resolvers()  # ${cdistill.run_suffix:} and ${cdistill.launch_dir:} in c
 #: Per protocol: the file and epoch it tested (``metrics.json`` keeps numbers only).
 SELECTION_FILE = "selection.json"
 STUDENT_FILE = "student.pt"
+#: ``model.layer=auto``: the chosen layer and the CAV scan behind it (:mod:`cdistill.concepts.layer_choice`).
+LAYER_CHOICE_FILE = CHOICE_FILE
 CONF_DIR = conf_dir()  # the checkout's conf/, or the copy an installed wheel ships
 
 
@@ -344,12 +347,36 @@ def _report(
     log.info("\n".join(lines) + f"\nmetrics written to {output_dir}/metrics.json")
 
 
+@rank_zero_only
+def _write_layer_choice(choice: LayerChoice, output_dir: str) -> None:
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / LAYER_CHOICE_FILE).write_text(json.dumps(choice.to_dict(), indent=2))
+
+
+def with_auto_layer(cfg: DictConfig, datamodule: pl.LightningDataModule) -> DictConfig:
+    """``cfg`` with ``model.layer=auto`` replaced by the layer the CAV scan of the model training
+    starts from chooses (:mod:`cdistill.concepts.layer_choice`), written to ``layer_choice.json``
+    in the run directory; ``cfg`` itself when there is nothing to choose."""
+    if "layer" not in cfg.model:
+        return cfg
+    choice = config_layer(cfg.model, datamodule)
+    if choice is None:
+        return cfg
+    out = cfg.copy()
+    with open_dict(out):
+        out.model.layer = choice.layer
+    _write_layer_choice(choice, str(cfg.paths.output_dir))
+    return out
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training (and test) job described by ``cfg``; return the final metrics."""
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = resume_in_run_dir(cfg) if cfg.get("train", True) else None
     datamodule = instantiate(cfg.data)
+    if cfg.get("train", True):
+        cfg = with_auto_layer(cfg, datamodule)
     model = instantiate(cfg.model)
     check_input_channels(model.student, datamodule.num_channels, cfg.model.student.name)
     if isinstance(getattr(model.student, "image_size", None), int):  # a student with a fixed input side

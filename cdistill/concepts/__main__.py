@@ -12,7 +12,9 @@ those under the training gate. Examples::
 
 ``--config`` takes Hydra overrides of ``conf/train.yaml``: the experiment's datamodule gives
 the preprocessing (size, channels, normalisation), ``model.concepts`` the terms and CAV
-settings, and ``model.layer`` the default layer.
+settings, and ``model.layer`` the default layer. With ``model.layer=auto`` (the default recipe)
+and no ``--layers`` it scans every candidate and prints the layer training would choose
+(:mod:`cdistill.concepts.layer_choice`).
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ from cdistill.concepts.check import (
     term_pairs,
     write_montages,
 )
+from cdistill.concepts.layer_choice import MAX_IMAGES, LayerChoiceError, choose_layer
 from cdistill.concepts.sets import load_spec, preprocess
 from cdistill.errors import CdistillError
-from cdistill.models.layers import resolve_layer
+from cdistill.models.layers import candidate_layers, is_auto
 from cdistill.models.students import first_conv
 from cdistill.objective.config import CAVConfig, ConceptsConfig, ConceptTerm
 
@@ -56,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="trained student: a cdistill .ckpt, a student.pt, a run folder, or a student name (with --weights)")
     c.add_argument("--weights", default=None, help="weights file for a student name given as --model")
     c.add_argument("--student", default=None, help="student name for a plain student.pt without its run beside it")
-    c.add_argument("--layers", nargs="+", default=None, help="candidate layers (default: model.layer, else the top-level modules)")
+    c.add_argument("--layers", nargs="+", default=None,
+                   help="candidate layers (default: model.layer; for model.layer=auto its candidates and the "
+                        "layer training would choose; else the top-level modules)")
     c.add_argument("--terms", nargs="+", default=None, metavar="CONCEPT:NEGATIVE",
                    help="pairs to scan, e.g. 'color_{y}:grey' ({y}: each class; default: the config's terms, "
                         "else every set vs --negative)")
@@ -156,7 +161,8 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         _write(out, report)
         return report
     model = loaded.model
-    layers = args.layers or ([resolve_layer(model, str(cfg.model.layer))] if cfg is not None and cfg.model.get("layer")
+    auto = not args.layers and cfg is not None and is_auto(cfg.model.get("layer"))
+    layers = args.layers or (candidate_layers(model) if auto else [str(cfg.model.layer)] if cfg is not None and cfg.model.get("layer")
                              else default_layers(model))
     print(activation_note(model))
     mean, std = _stats(args, loaded, datamodule, sets, int(channels or next(iter(sets.values())).shape[1]))
@@ -177,6 +183,17 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     print(format_scan(scores))
     report["scan"] = [asdict(s) for s in scores]
     report["layers"] = list(layers)
+    if auto:  # what training would choose (cdistill/concepts/layer_choice.py), every candidate scored
+        terms = parse_pairs(args.terms) if args.terms else (concepts_cfg.terms if concepts_cfg is not None else ())
+        capped = {k: v[:MAX_IMAGES] for k, v in inputs.items()}
+        try:
+            choice = choose_layer(model, capped, terms, int(num_classes), cav, blank=blank, scan_all=True)
+        except LayerChoiceError as err:
+            print(str(err))
+            report["auto"] = {"error": str(err)}
+        else:
+            print(choice.summary())
+            report["auto"] = choice.to_dict()
     _write(out, report)
     return report
 

@@ -22,7 +22,7 @@ from cdistill.concepts.cav import fit_cav
 from cdistill.errors import CdistillError, close_names
 from cdistill.objective.cav_fitter import concept_rows, negative_rows
 from cdistill.objective.config import CAVConfig, ConceptTerm, term_name
-from cdistill.utils.capture import collect_activations, resolve_module
+from cdistill.utils.capture import capture, eval_mode, resolve_module
 
 #: Module types whose output is a post-activation map (what a CAV at ``relu1``/``pool1`` sees).
 ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.ReLU6, nn.Hardswish,
@@ -158,6 +158,66 @@ def default_layers(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
+def layer_rows(
+    model: nn.Module,
+    inputs: Mapping[str, Tensor],
+    layers: Sequence[str],
+    cav: CAVConfig | None = None,
+    batch_size: int = 500,
+    blank: Tensor | None = None,
+) -> dict[str, dict[str, Tensor]]:
+    """CAV training rows of every set at every layer, from one forward pass per batch (every
+    layer's output captured at once; the model runs in eval mode, its own modes restored).
+
+    Args:
+        model: The student.
+        inputs: Set name -> preprocessed images ``float32 [N, C, H, W]``, every set of the spec
+            in its order (``position`` mode seeds set ``i``'s row subset with ``i``, as training does).
+        layers: Module paths of ``model`` (a wrong one raises, listing close names).
+        cav: Row mode (``flatten`` or ``position``) and its settings (default :class:`CAVConfig`).
+        batch_size: Images per forward pass.
+        blank: ``position`` mode's reference image ``[1, C, H, W]`` (default: zeros).
+
+    Returns:
+        Layer -> set name -> rows (:func:`cdistill.objective.cav_fitter.concept_rows`):
+        ``[N, d]`` flattened maps, or ``[M, C]`` channel vectors at content positions.
+    """
+    cav = cav or CAVConfig()
+    layers = list(dict.fromkeys(layers))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+
+    def run(images: Tensor) -> dict[str, Tensor]:
+        """Layer -> activations ``[N, *shape]`` of ``images``."""
+        parts: dict[str, list[Tensor]] = {layer: [] for layer in layers}
+        with eval_mode(model), capture(model, layers, detach=True) as store:
+            for i in range(0, len(images), batch_size):
+                model(images[i : i + batch_size].to(device))
+                for layer in layers:
+                    parts[layer].append(store[layer])
+        return {layer: torch.cat(p) for layer, p in parts.items()}
+
+    by_set = {name: run(x) for name, x in inputs.items()}
+    refs: dict[str, Tensor | None] = dict.fromkeys(layers)
+    if cav.cav_mode == "position":  # the reference of position rows: a blank image's activation
+        image = blank if blank is not None else torch.zeros_like(next(iter(inputs.values()))[:1])
+        refs = {layer: act[0] for layer, act in run(image).items()}
+    return {layer: concept_rows({name: by_set[name][layer] for name in inputs}, cav, refs[layer]) for layer in layers}
+
+
+def score_pairs(rows: Mapping[str, Tensor], pairs: Sequence[ConceptPair], layer: str, cav: CAVConfig | None = None) -> list[LayerScore]:
+    """Fit each pair's CAV on one layer's ``rows`` (see :func:`layer_rows`) as training would
+    (solver, held-out fraction, split seed 0) and score it against the gate."""
+    cav = cav or CAVConfig()
+    scores = []
+    for pair in pairs:
+        res = fit_cav(rows[pair.concept], negative_rows(rows, pair.negative), cav.solver,
+                      test_fraction=float(cav.test_fraction), seed=0, concept=pair.concept,
+                      negative=pair.negative, layer=layer)
+        acc = float(res.accuracy)
+        scores.append(LayerScore(pair.concept, pair.negative, pair.term, layer, acc, acc >= float(cav.min_accuracy)))
+    return scores
+
+
 def scan_layers(
     model: nn.Module,
     inputs: Mapping[str, Tensor],
@@ -195,32 +255,9 @@ def scan_layers(
     for layer in layers:
         resolve_module(model, layer)
     check_pairs(pairs, list(inputs), "the given sets", where="the concept pairs")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    per_layer: dict[str, dict[str, Tensor]] = {}
-    for layer in layers:
-        maps = {
-            name: collect_activations(
-                model, layer, [inputs[name][i : i + batch_size].to(device) for i in range(0, len(inputs[name]), batch_size)],
-                flatten=False,
-            )
-            for name in inputs
-        }
-        ref = None
-        if cav.cav_mode == "position":  # the reference of position rows: a blank image's activation
-            first = next(iter(inputs.values()))
-            image = blank if blank is not None else torch.zeros_like(first[:1])
-            ref = collect_activations(model, layer, [image.to(device)], flatten=False)[0]
-        per_layer[layer] = concept_rows(maps, cav, ref)
-    scores = []
-    for pair in pairs:
-        for layer in layers:
-            rows = per_layer[layer]
-            res = fit_cav(rows[pair.concept], negative_rows(rows, pair.negative), cav.solver,
-                          test_fraction=float(cav.test_fraction), seed=0, concept=pair.concept,
-                          negative=pair.negative, layer=layer)
-            acc = float(res.accuracy)
-            scores.append(LayerScore(pair.concept, pair.negative, pair.term, layer, acc, acc >= float(cav.min_accuracy)))
-    return scores
+    per_layer = layer_rows(model, inputs, layers, cav, batch_size, blank)
+    by = {layer: score_pairs(per_layer[layer], pairs, layer, cav) for layer in dict.fromkeys(layers)}
+    return [by[layer][i] for i in range(len(pairs)) for layer in layers]
 
 
 def format_scan(scores: Sequence[LayerScore]) -> str:

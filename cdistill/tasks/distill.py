@@ -105,7 +105,9 @@ class ConceptDistillModule(ConceptArtefactsMixin):
                  (("concepts", concepts), ("prototypes", prototypes), ("local", local))}
         erasure, teacher = (dict(to_plain(v) or {}) or None for v in (erasure, teacher))
         ObjectiveConfig(form, target, lambda_c, lambda_p, lambda_l, lambda_o, lambda_s)
-        layer = resolve_layer(self.student, layer)  # auto: the stem (cdistill/models/layers.py)
+        # auto: train() and the pipeline replace it by the base model's CAV-scan choice before building
+        # this module (cdistill/concepts/layer_choice.py); built without data, auto is the structural stem.
+        layer = resolve_layer(self.student, layer)
         self.concepts_cfg = ConceptsConfig.from_dict(plain["concepts"])
         for key, value in (("lambda_c", lambda_c), ("lambda_o", lambda_o), ("lambda_s", lambda_s)):
             if value > 0 and not self.concepts_cfg.terms:
