@@ -39,7 +39,7 @@ def test_data_options(make_cfg: MakeCfg, name: str) -> None:
 @pytest.mark.parametrize("name", options("model"))
 def test_model_options(make_cfg: MakeCfg, name: str) -> None:
     # Concept-distillation models need concept terms, which experiments provide.
-    extra = ["experiment=color_mnist/cd"] if name.startswith("cd") else []
+    extra = ["experiment=color_mnist/cd"] if name.startswith(("cd", "rrclarc", "adv_probe")) else []
     model = hydra.utils.instantiate(make_cfg(*extra, f"model={name}").model)
     assert isinstance(model, pl.LightningModule)
     assert callable(model.configure_optimizers)

@@ -105,3 +105,5 @@ def test_pipeline_warns_when_the_concept_loss_is_satisfied_but_nothing_moved() -
     unsatisfied = {"seed": 2, "base": base, "cd": {"train/output": 0.9, "val_reversed/acc_conflicting": 0.10}}
     warnings = stalled_warnings([dodged, moved, unsatisfied])
     assert len(warnings) == 1 and warnings[0].startswith("seed 0: train/concept = 0.0030")
+    fooled = {"seed": 3, "base": base, "cd": {"train/probe": 0.01, "val_reversed/acc_conflicting": 0.11}}
+    assert stalled_warnings([fooled])[0].startswith("seed 3: train/probe = 0.0100")

@@ -151,6 +151,22 @@ def test_sigkill_resume_is_exact_erasure_with_refits(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.core
+def test_sigkill_resume_is_exact_probe_and_rrclarc(tmp_path: Path) -> None:
+    """The adversarial probe (its weights and Adam moments, sized in setup before the checkpoint is
+    loaded into it; not refitted on resume) and RR-ClArC (signal CAVs, random classes drawn by the
+    module's generator)."""
+    args = ["experiment=color_mnist/cd", "model=adv_probe", "model.lambda_rr=3", "model.probe.per_set=2",
+            "model.probe.warm_steps=5", *_TINY]
+    full, resumed, run = kill_and_resume(tmp_path, args, 6, by_path=False)
+    assert resumed == full
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["state_dict"]["probe.weight"].shape == (10, 20 * 12 * 12)
+    student = torch.load(run / "student.pt", weights_only=True)
+    assert not [k for k in student if "probe" in k or "signal" in k]
+
+
+@pytest.mark.slow
 def test_sigkill_resume_is_exact_iid_cd(tmp_path: Path) -> None:
     """Random Jacobian projections and CAV refits every 5 steps (one before the kill, one after)."""
     args = ["experiment=iid/cd", "data.max_train_samples=128", "data.num_val=16", "data.num_test=16",

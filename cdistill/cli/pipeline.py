@@ -216,6 +216,9 @@ def _md_table(rows: Sequence[Mapping[str, Any]], with_unit: bool) -> list[str]:
 SATISFIED = 0.05
 #: Bias-conflicting validation accuracy must rise by at least this much (a fraction) to count as moved.
 MOVED = 0.02
+#: The concept terms the warning looks at, in order: gradient direction, concept-only outputs,
+#: RR-ClArC, the student's side of the adversarial probe (a fooled probe is not a removed cue).
+TERMS = ("train/concept", "train/output", "train/rrclarc", "train/probe")
 
 
 def _conflicting(metrics: Mapping[str, float]) -> float | None:
@@ -226,13 +229,13 @@ def _conflicting(metrics: Mapping[str, float]) -> float | None:
 
 
 def stalled_warnings(per_seed: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One warning per seed whose concept term is satisfied (``train/concept`` or
-    ``train/output`` under :data:`SATISFIED`) while bias-conflicting validation accuracy (last
-    epoch) rose by less than :data:`MOVED` over the base model's: a loss near 0 is not debiasing."""
+    """One warning per seed whose concept term is satisfied (the first of :data:`TERMS` logged,
+    under :data:`SATISFIED`) while bias-conflicting validation accuracy (last epoch) rose by less
+    than :data:`MOVED` over the base model's: a loss near 0 is not debiasing."""
     out = []
     for r in per_seed:
         base, cd = r.get("base", {}), r.get("cd", {})
-        term = next((k for k in ("train/concept", "train/output") if k in cd), None)
+        term = next((k for k in TERMS if k in cd), None)
         before, after = _conflicting(base), _conflicting(cd)
         if term is None or before is None or after is None:
             continue

@@ -24,6 +24,7 @@ from cdistill.errors import CdistillError, unknown_name
 from cdistill.objective.concept_outputs import OUTPUT_TARGETS
 from cdistill.objective.counterfactual import ShiftLayer
 from cdistill.objective.losses import CAV_MODES, DIRECTIONS, LOGIT_TARGETS, POSITION_WEIGHTS
+from cdistill.objective.rrclarc import RR_TARGETS
 
 LOCAL_MASKS = ("foreground", "corners")
 
@@ -287,7 +288,8 @@ class LocalConfig:
 @dataclass(frozen=True)
 class ObjectiveConfig:
     """The loss of the distill task: its ``form`` (``prototype`` or ``logit``), the logit
-    ``target`` (:data:`LOGIT_TARGETS`) and the weights of the concept, prototype and local terms."""
+    ``target`` (:data:`LOGIT_TARGETS`) and the weights of the concept, prototype, local,
+    concept-image (``λ_o``, ``λ_s``), RR-ClArC (``λ_rr``) and adversarial-probe (``λ_adv``) terms."""
 
     form: str = "prototype"
     target: str = "logprob"
@@ -296,11 +298,13 @@ class ObjectiveConfig:
     lambda_l: float = 0.0
     lambda_o: float = 0.0
     lambda_s: float = 0.0
+    lambda_rr: float = 0.0
+    lambda_adv: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("model.form", self.form, ("prototype", "logit"))
         _check_choice("model.target", self.target, LOGIT_TARGETS)
-        for key in ("lambda_c", "lambda_p", "lambda_l", "lambda_o", "lambda_s"):
+        for key in ("lambda_c", "lambda_p", "lambda_l", "lambda_o", "lambda_s", "lambda_rr", "lambda_adv"):
             value = getattr(self, key)
             if not value >= 0:  # also NaN; a negative weight would switch the term off unnoticed
                 raise CdistillError(f"model.{key}={value}: a loss weight must be >= 0 (0 switches the term off).")
@@ -328,6 +332,75 @@ class OutputConfig:
     def from_dict(cls, cfg: Mapping[str, Any] | None) -> OutputConfig:
         rest = {k: v for k, v in (cfg or {}).items() if v is not None}
         return _build(cls, rest, "model.outputs")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class RRClArCConfig:
+    """``model.rrclarc``: which output the RR-ClArC term differentiates (docs/methods.md §2.11).
+
+    Args:
+        target: ``random``: the logit ``z_k`` of a class ``k`` drawn per sample, against the
+            signal CAV of the cue that points to ``k`` (every class's sensitivity to its own cue
+            is penalised, in expectation); ``logit``: the logit ``z_y`` of the sample's class,
+            against the CAV of ``y``'s cue (the paper's class-specific mask ``m = δ_y``).
+    """
+
+    target: str = "random"
+
+    def __post_init__(self) -> None:
+        _check_choice("model.rrclarc.target", self.target, RR_TARGETS)
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any] | None) -> RRClArCConfig:
+        return _build(cls, {k: v for k, v in (cfg or {}).items() if v is not None}, "model.rrclarc")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """``model.probe``: the adversarial concept probe (docs/methods.md §2.12).
+
+    Args:
+        per_set: Concept images drawn per cue value per training step.
+        lr: The probe's learning rate (``None``: the optimizer's).
+        warm_steps: Full-batch steps that fit the probe on the starting model's activations of
+            all concept images before training (0: it starts at zero weights, i.e. uniform).
+        warm_lr: Adam learning rate of those steps.
+        smoothing: Label smoothing of the probe's cross-entropy: it keeps the probe calibrated
+            (a linear probe on separable features otherwise grows its weights without bound), so
+            the student's ``KL(u || p)`` starts near ``log`` of a bounded odds, not at tens of nats.
+    """
+
+    per_set: int = 8
+    lr: float | None = None
+    warm_steps: int = 200
+    warm_lr: float = 0.01
+    smoothing: float = 0.1
+
+    def __post_init__(self) -> None:
+        for key in ("per_set", "warm_steps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "per_set" else 0):
+                raise CdistillError(f"model.probe.{key}={value!r}: use a whole number >= {int(key == 'per_set')}.")
+        for key in ("lr", "warm_lr"):
+            value = getattr(self, key)
+            if value is not None and not float(value) > 0:
+                raise CdistillError(f"model.probe.{key}={value}: a learning rate must be > 0.")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise CdistillError(f"model.probe.smoothing={self.smoothing}: use a fraction in [0, 1).")
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any] | None) -> ProbeConfig:
+        rest = {k: v for k, v in (cfg or {}).items() if v is not None}
+        for key in ("lr", "warm_lr", "smoothing"):
+            if key in rest:
+                rest[key] = float(rest[key])
+        return _build(cls, rest, "model.probe")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

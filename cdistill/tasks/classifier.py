@@ -181,9 +181,15 @@ class EvalSplitsModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end(self.hparams["test_names"])
 
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer of ``hparams["optimizer"]`` over every parameter of the module (the
+        student's and, in a task that has them, its own, e.g. an adversarial probe's)."""
+        opt: torch.optim.Optimizer = hydra.utils.instantiate(self.hparams["optimizer"], params=self.parameters())
+        return opt
+
     def configure_optimizers(self) -> Any:
         check_optimizer(self.hparams["optimizer"])
-        opt = hydra.utils.instantiate(self.hparams["optimizer"], params=self.parameters())
+        opt = self.build_optimizer()
         sched_cfg = self.hparams["scheduler"]
         if not sched_cfg:
             return opt

@@ -71,9 +71,20 @@ class ConceptArtefactsMixin(ErasureMixin):
         self.register_buffer("input_std", torch.ones(chans))
         self.register_buffer("artefacts_fitted", torch.tensor(False))
 
+    #: The RR-ClArC term's signal CAVs (``mean_diff``, student space; docs/methods.md §2.11):
+    #: the bank, the index buffer ``signal_cav_index [T, C]`` and the fitter exist only when
+    #: ``λ_rr > 0`` (``None`` otherwise; set by the task's ``__init__``).
+    signal_cavs: CAVBank | None
+    signal_fitter: CAVFitter | None
+    signal_cav_index: Tensor
+
     @property
     def needs_cavs(self) -> bool:
         return self.hparams["lambda_c"] > 0
+
+    @property
+    def needs_signal_cavs(self) -> bool:
+        return self.hparams.get("lambda_rr", 0.0) > 0
 
     @property
     def needs_prototypes(self) -> bool:
@@ -178,24 +189,41 @@ class ConceptArtefactsMixin(ErasureMixin):
         return fitter.compute()
 
     def _fit_concept_cavs(self, datamodule: Any) -> None:
-        """Fit the CAVs (student space, then the teacher's when configured) and log their figures."""
+        """Fit the CAVs (student space, then the teacher's when configured) and the signal CAVs
+        (student space), each when its term is on, and log their figures."""
         images, maps = self.concept_maps(datamodule)
-        bank, index = self.fit_cavs(self.cav_rows(maps))
-        self.artefact_metrics = {"cav/acc_student": float(bank.accuracies.mean())}
-        if self.teacher_cfg is not None:
-            bank, index = self._teacher_cavs(images, maps, bank, index)
-        self.cavs = bank.to(self.device)
-        self.cav_index = index
-        self.cav_fitter.check_subspaces(self.cavs, self.cav_index)
-        log.info("fitted %d CAVs at %s: accuracies %s", len(bank), self.layer, [round(float(a), 3) for a in bank.accuracies])
+        rows = self.cav_rows(maps)
+        self.artefact_metrics = {}
+        if self.needs_cavs:
+            bank, index = self.fit_cavs(rows)
+            self.artefact_metrics["cav/acc_student"] = float(bank.accuracies.mean())
+            if self.teacher_cfg is not None:
+                bank, index = self._teacher_cavs(images, maps, bank, index)
+            self.cavs = bank.to(self.device)
+            self.cav_index = index
+            self.cav_fitter.check_subspaces(self.cavs, self.cav_index)
+            log.info("fitted %d CAVs at %s: accuracies %s", len(bank), self.layer,
+                     [round(float(a), 3) for a in bank.accuracies])
+        if self.needs_signal_cavs:
+            self.signal_cavs, self.signal_cav_index = self.fit_signal_cavs(rows)
+            self.artefact_metrics["cav/acc_signal"] = float(self.signal_cavs.accuracies.mean())
+            log.info("fitted %d signal CAVs at %s: accuracies %s", len(self.signal_cavs), self.layer,
+                     [round(float(a), 3) for a in self.signal_cavs.accuracies])
         for lg in self.loggers:
             lg.log_metrics(self.artefact_metrics, step=0)
+
+    def fit_signal_cavs(self, acts: Mapping[str, Tensor]) -> tuple[CAVBank, Tensor]:
+        """The signal CAVs (normalised mean differences, gated like the CAVs) and their index."""
+        if self.signal_fitter is None:
+            raise CdistillError("Signal CAVs are fitted only when model.lambda_rr > 0.")
+        bank, index = self.signal_fitter.fit(lambda layer: acts)
+        return bank.to(self.device), index.to(self.device)
 
     def fit_artefacts(self, datamodule: Any) -> None:
         """Fit CAVs, prototypes and erasers on the current student, then make all ranks agree."""
         self.input_mean = datamodule.mean.to(self.device)
         self.input_std = datamodule.std.to(self.device)
-        if self.needs_cavs:
+        if self.needs_cavs or self.needs_signal_cavs:
             self._fit_concept_cavs(datamodule)
         if self.needs_prototypes:
             self.prototypes = self.fit_prototypes(datamodule).to(self.device)
@@ -205,11 +233,24 @@ class ConceptArtefactsMixin(ErasureMixin):
         self.artefacts_fitted = torch.tensor(True, device=self.device)
 
     def refresh_cavs(self, datamodule: Any) -> None:
-        """Refit the CAVs on the current student and blend them into the running ones."""
-        self.cavs, self.cav_index = self.cav_fitter.refresh(
-            self.cavs, self.cav_index, lambda: self.fit_cavs(self.concept_activations(datamodule)),
-            when=f"at step {self.global_step}",
-        )
+        """Refit the CAVs (and the signal CAVs) on the current student and blend them into the
+        running ones; the concept images' activations are computed once for both."""
+        rows: dict[str, Tensor] = {}
+
+        def acts() -> dict[str, Tensor]:
+            if not rows:
+                rows.update(self.concept_activations(datamodule))
+            return rows
+
+        when = f"at step {self.global_step}"
+        if self.needs_cavs:
+            self.cavs, self.cav_index = self.cav_fitter.refresh(
+                self.cavs, self.cav_index, lambda: self.fit_cavs(acts()), when=when,
+            )
+        if self.signal_fitter is not None and self.signal_cavs is not None:
+            self.signal_cavs, self.signal_cav_index = self.signal_fitter.refresh(
+                self.signal_cavs, self.signal_cav_index, lambda: self.fit_signal_cavs(acts()), when=when,
+            )
         self._broadcast_artefacts()
 
     def refresh_prototypes(self, datamodule: Any) -> None:
@@ -221,6 +262,9 @@ class ConceptArtefactsMixin(ErasureMixin):
         """Give every rank rank 0's CAVs, prototypes and erasers (no-op without DDP)."""
         broadcast_bank(self._trainer, self.cavs, self.device)
         owners: list[tuple[nn.Module, str]] = [(self.prototypes, "centers"), (self, "cav_index")]
+        if self.signal_cavs is not None:
+            broadcast_bank(self._trainer, self.signal_cavs, self.device)
+            owners.append((self, "signal_cav_index"))
         owners += [(e, name) for e in self.erasers.values() for name, _ in list(e.named_buffers())]
         broadcast_buffers(self._trainer, owners, self.device)
 
