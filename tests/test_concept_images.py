@@ -13,7 +13,14 @@ from cdistill.errors import CdistillError
 from cdistill.objective.concept_images import ConceptImageSet, ConceptImageTerms
 from cdistill.objective.concept_outputs import output_divergence
 from cdistill.objective.config import CounterfactualConfig, OutputConfig
-from cdistill.objective.counterfactual import ShiftLayer, added, foreground, shift, value_means
+from cdistill.objective.counterfactual import (
+    ShiftLayer,
+    added,
+    affine,
+    foreground,
+    shift,
+    value_means,
+)
 
 
 def test_uniform_divergence_is_zero_only_at_uniform() -> None:
@@ -40,6 +47,50 @@ def test_negative_and_pooled_targets() -> None:
     assert output_divergence(torch.randn(6, 5), "pooled").item() > 0
     with pytest.raises(ValueError, match="needs the negative"):
         output_divergence(concept, "negative")
+
+
+def test_set_reduction_pulls_each_values_mean_not_each_image() -> None:
+    # Value 0's images: half predicted class 0, half class 1 (e.g. faces of both ages), mean
+    # uniform; value 1's images all predicted class 1 (the cue decides).
+    mixed = torch.tensor([[6.0, 0.0], [0.0, 6.0]] * 2)
+    leaning = torch.tensor([[0.0, 6.0]] * 4)
+    assert output_divergence(mixed, "uniform", sets=1).item() == pytest.approx(0.0, abs=1e-6)
+    assert output_divergence(mixed, "uniform").item() > 1.0  # per image: every image is confident
+    both = torch.cat([mixed, leaning])
+    p1 = F.softmax(leaning, 1).mean(0)
+    expected = 0.5 * float(-math.log(2) - p1.log().mean())  # block 0 contributes 0
+    assert output_divergence(both, "uniform", sets=2).item() == pytest.approx(expected, rel=1e-5)
+    # pooled: each block's mean against the mean of the blocks
+    assert output_divergence(torch.cat([mixed, mixed]), "pooled", sets=2).item() == pytest.approx(0.0, abs=1e-6)
+    assert output_divergence(both, "pooled", sets=2).item() > 0.05
+    with pytest.raises(CdistillError, match=r"model\.outputs\.reduce"):
+        OutputConfig(reduce="batch")
+
+
+def test_moments_move_each_foreground_channel_to_the_other_values_mean_and_spread() -> None:
+    gen = torch.Generator().manual_seed(0)
+    blank = torch.zeros(1, 2, 6, 6)
+    fg = torch.zeros(1, 1, 6, 6)
+    fg[..., 1:5, 1:5] = 1.0
+    # value 0: channel 0 ~ 1 + 0.5 z, value 1: channel 0 ~ 4 + 2 z; channel 1 constant 3 (no spread)
+    def draw(mu: float, sd: float, n: int) -> torch.Tensor:
+        a = torch.zeros(n, 2, 6, 6)
+        a[:, 0] = mu + sd * torch.randn(n, 6, 6, generator=gen)
+        a[:, 1] = 3.0
+        return a * fg
+    stats = value_means([draw(1.0, 0.5, 400), draw(4.0, 2.0, 400)], blank, "moments")
+    assert stats.shape == (2, 2, 2)
+    assert stats[1, 0, 0].item() == pytest.approx(4.0, abs=0.05) and stats[1, 1, 0].item() == pytest.approx(2.0, abs=0.05)
+    acts = draw(1.0, 0.5, 200)
+    scale, delta = affine(stats, torch.zeros(200, dtype=torch.long), torch.ones(200, dtype=torch.long), acts, blank)
+    moved = scale * acts + delta
+    inside = moved[:, 0][fg[0, 0].expand(200, 6, 6) > 0]
+    assert inside.mean().item() == pytest.approx(4.0, abs=0.1) and inside.std().item() == pytest.approx(2.0, abs=0.1)
+    assert torch.equal(moved[:, :, 0, 0], acts[:, :, 0, 0])  # background untouched
+    # the constant channel has no spread: shifted only (3 -> 3), not rescaled by 0/0
+    assert torch.allclose(moved[:, 1][fg[0, 0].expand(200, 6, 6) > 0], torch.tensor(3.0))
+    with pytest.raises(ValueError, match="affine"):
+        shift(stats, torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), "moments", acts[:1], blank)
 
 
 def test_shift_layer_parse_and_errors() -> None:
@@ -103,7 +154,7 @@ def _cue_sets() -> list[ConceptImageSet]:
     return [ConceptImageSet(values, [0, 1], torch.zeros(5, 2, 3, 3), sensitize=False, weight=1.0)]
 
 
-@pytest.mark.parametrize("mode", ["flatten", "position"])
+@pytest.mark.parametrize("mode", ["flatten", "position", "moments", "gain"])
 def test_counterfactual_cost_falls_when_the_cue_is_not_read(mode: str) -> None:
     x = torch.zeros(4, 2, 3, 3)
     y = torch.tensor([0, 1, 0, 1])

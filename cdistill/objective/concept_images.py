@@ -18,7 +18,7 @@ from cdistill.concepts import load_spec, preprocess
 from cdistill.errors import CdistillError
 from cdistill.objective.concept_outputs import output_divergence, sample_rows
 from cdistill.objective.config import ConceptTerm, OutputConfig
-from cdistill.objective.counterfactual import ShiftLayer, added, shift, value_means
+from cdistill.objective.counterfactual import ShiftLayer, added, affine, shift, value_means
 from cdistill.utils.capture import capture, resolve_module, stop_after
 
 #: The layer name of the image itself (a student without an ``input`` module is shifted in pixels).
@@ -82,11 +82,12 @@ def _is_pixels(model: nn.Module, layer: str) -> bool:
 
 
 def _shifted_forward(model: nn.Module, forward: Callable[[Tensor], Tensor], layer: str, x: Tensor,
-                     delta: Tensor) -> Tensor:
-    """``forward(x)`` with ``delta`` added to ``layer``'s output (to the pixels, see :func:`_is_pixels`)."""
+                     delta: Tensor, scale: Tensor | None = None) -> Tensor:
+    """``forward(x)`` with ``layer``'s output ``a`` replaced by ``scale * a + delta`` (``scale``
+    ``None``: ``a + delta``; the pixels themselves, see :func:`_is_pixels`)."""
     if _is_pixels(model, layer):
-        return forward(x + delta)
-    with added(resolve_module(model, layer), delta):
+        return forward(x + delta if scale is None else x * scale + delta)
+    with added(resolve_module(model, layer), delta, scale):
         return forward(x)
 
 
@@ -145,7 +146,8 @@ class ConceptImageTerms:
                 labels = torch.tensor(s.classes, device=concept.device).repeat_interleave(self.cfg.per_set)
                 total = total + s.weight * F.cross_entropy(concept, labels)
             else:
-                total = total + s.weight * output_divergence(concept, self.cfg.target, negative)
+                sets = n if self.cfg.reduce == "set" else 0
+                total = total + s.weight * output_divergence(concept, self.cfg.target, negative, sets=sets)
         return total
 
     def _counterfactual(self, model: nn.Module, forward: Callable[[Tensor], Tensor], x: Tensor, y: Tensor,
@@ -156,7 +158,7 @@ class ConceptImageTerms:
             starts[id(s)] = i
             i += len(s.values) + 1
         # Where each position-mode shift lands: the training batch's own map at that layer.
-        here = {sl.layer: self._layer_acts(model, forward, sl.layer, x) for sl in self.layers if sl.mode == "position"}
+        here = {sl.layer: self._layer_acts(model, forward, sl.layer, x) for sl in self.layers if sl.mode != "flatten"}
         total, terms = x.new_zeros(()), 0
         for s in self.shiftable:
             classes = torch.tensor(s.classes, device=y.device)
@@ -173,9 +175,16 @@ class ConceptImageTerms:
                 chunks = acts[sl.layer]
                 blank = chunks[-1]
                 means = value_means(chunks[starts[id(s)] : starts[id(s)] + len(s.values)], blank, sl.mode)
-                delta = shift(means, own, other, sl.mode, here.get(sl.layer), blank)
-                delta = delta * keep.view(-1, *[1] * (delta.dim() - 1)).to(delta.dtype)
-                logits = _shifted_forward(model, forward, sl.layer, x, delta)
+                kept = keep.view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
+                scale = None
+                if sl.mode == "moments":
+                    scale, delta = affine(means, own, other, here[sl.layer], blank)
+                    scale = 1 + (scale - 1) * kept
+                else:
+                    delta = shift(means, own, other, sl.mode, here.get(sl.layer), blank)
+                    kept = keep.view(-1, *[1] * (delta.dim() - 1)).to(delta.dtype)
+                delta = delta * kept
+                logits = _shifted_forward(model, forward, sl.layer, x, delta, scale)
                 total = total + F.cross_entropy(logits[keep], y[keep])
         # A sum over layers: each layer's counterfactual is a separate constraint of weight λ_s.
         return total / max(terms, 1)

@@ -13,6 +13,15 @@ class ``k`` on concept ``k`` images; the term pulls those predictions to
 * ``pooled``: the mean prediction over all of the term's concept images (``KL(q || p)``, ``q``
   held fixed): predictions must not depend on *which* concept value is present.
 
+Two ways to read "the predictions" (``reduce``):
+
+* ``image``: every concept image's own prediction is pulled to ``q``. Right when a concept image
+  shows the cue and nothing else (coloured strokes, a glyph on strokes).
+* ``set``: the *mean* prediction over each cue value's images is pulled to ``q``. Right also when
+  concept images show more than the cue: a folder of real women's faces has faces of every age,
+  and each face's age is evidence the model should use; only the average over the set must not
+  lean towards the class the cue points to.
+
 Concept images are sampled per step with the task's generator (a resumed run draws the same).
 """
 
@@ -26,6 +35,8 @@ from torch import Tensor
 
 #: What concept-image predictions are pulled towards (see the module docstring).
 OUTPUT_TARGETS = ("uniform", "negative", "pooled")
+#: Whose prediction is pulled to the target: each image's, or each cue value's mean (docstring).
+OUTPUT_REDUCTIONS = ("image", "set")
 
 
 def sample_rows(count: int, per_set: int, generator: torch.Generator | None) -> Tensor:
@@ -33,18 +44,27 @@ def sample_rows(count: int, per_set: int, generator: torch.Generator | None) -> 
     return torch.randint(0, count, (per_set,), generator=generator)
 
 
-def output_divergence(concept_logits: Tensor, target: str, reference_logits: Tensor | None = None) -> Tensor:
+def output_divergence(concept_logits: Tensor, target: str, reference_logits: Tensor | None = None,
+                      sets: int = 0) -> Tensor:
     """Mean ``KL(q || p)`` of the concept images' predictions ``p`` from a target ``q``.
 
     Args:
-        concept_logits: ``[M, C]`` logits of concept images.
+        concept_logits: ``[M, C]`` logits of concept images (``sets > 0``: ``sets`` equal blocks,
+            one per cue value, in order).
         target: One of :data:`OUTPUT_TARGETS`.
         reference_logits: ``[M', C]`` logits of the negative images (``negative`` target only).
+        sets: ``0``: each image's prediction is ``p`` (``reduce=image``); ``V > 0``: ``p`` is the
+            mean predicted distribution of each of the ``V`` blocks (``reduce=set``).
 
     Returns:
-        Scalar, ``>= 0``; ``0`` when every prediction equals ``q``.
+        Scalar, ``>= 0``; ``0`` when every prediction (every block's mean) equals ``q``.
     """
-    logp = F.log_softmax(concept_logits, dim=1)
+    if sets:
+        # log of the mean distribution per block: [V, C]
+        probs = F.softmax(concept_logits, dim=1).reshape(sets, -1, concept_logits.shape[1]).mean(1)
+        logp = probs.clamp_min(1e-12).log()
+    else:
+        logp = F.log_softmax(concept_logits, dim=1)
     num_classes = concept_logits.shape[1]
     if target == "uniform":
         # KL(u || p) = -log C - mean_j log p_j

@@ -16,7 +16,16 @@ re-encoded cue is re-measured). Two ways to take a mean:
   a patch, a texture's layout);
 * ``position``: the mean channel vector ``[C]`` over the positions where the concept images
   differ from a blank image, added at the positions where the training image does (a cue that
-  colours whatever is drawn: a colour, a material).
+  colours whatever is drawn: a colour, a material);
+* ``moments``: as ``position``, but each channel's foreground mean *and* spread are matched,
+  ``a' = mu_j + (sigma_j / sigma_y) (a - mu_y)`` (the per-channel moment matching of style
+  transfer): after a non-linearity a colour *scales* a channel's response to a stroke rather than
+  adding to it, which no constant shift can express;
+* ``gain``: as ``position``, but the shift at each position is scaled by how strongly the
+  position expresses the own value, ``a' = a + g (mu_j - mu_y)`` with ``g = <a - b, mu_y - b> /
+  |mu_y - b|^2`` (``b``: the blank image's channel vector): a faint stroke edge is recoloured
+  faintly, and where a channel pattern carries the shape in the own value's channels (after a
+  colour-selective first layer) the same shape is drawn into the other value's channels.
 """
 
 from __future__ import annotations
@@ -30,7 +39,10 @@ from torch import Tensor, nn
 
 from cdistill.errors import CdistillError
 
-SHIFT_MODES = ("flatten", "position")
+SHIFT_MODES = ("flatten", "position", "moments", "gain")
+#: ``moments`` mode: a channel whose spread is under this share of the largest is not rescaled
+#: (its ratio of spreads would be noise over a near-zero denominator).
+MIN_SPREAD = 0.05
 #: A position is foreground when its channel vector differs from the blank image's by more
 #: than this share of the map's largest difference (the same rule as position-mode CAV rows).
 FOREGROUND_THRESHOLD = 0.1
@@ -88,7 +100,7 @@ def value_means(acts: Sequence[Tensor], blank: Tensor, mode: str) -> Tensor:
         mode: ``flatten`` (mean map) or ``position`` (mean foreground channel vector).
 
     Returns:
-        ``[V, *shape]`` (flatten) or ``[V, C]`` (position).
+        ``[V, *shape]`` (flatten), ``[V, C]`` (position) or ``[V, 2, C]`` (moments: mean, std).
     """
     if mode == "flatten":
         return torch.stack([a.mean(0) for a in acts])
@@ -98,7 +110,13 @@ def value_means(acts: Sequence[Tensor], blank: Tensor, mode: str) -> Tensor:
     out = []
     for a in acts:
         mask = foreground(a, blank)
-        out.append((a * mask).sum((0, 2, 3)) / mask.sum().clamp_min(1.0))
+        count = mask.sum().clamp_min(1.0)
+        mean = (a * mask).sum((0, 2, 3)) / count
+        if mode == "moments":
+            var = (((a - mean[None, :, None, None]) ** 2) * mask).sum((0, 2, 3)) / count
+            out.append(torch.stack([mean, var.sqrt()]))
+        else:
+            out.append(mean)
     return torch.stack(out)
 
 
@@ -117,19 +135,56 @@ def shift(means: Tensor, own: Tensor, other: Tensor, mode: str, acts: Tensor | N
     Returns:
         ``[B, *shape]`` to add to the layer's output.
     """
+    if mode == "moments":
+        raise ValueError("moments-mode counterfactuals rescale as well: use affine()")
     delta = means[other] - means[own]
     if mode == "flatten":
         return delta
     if acts is None or blank is None:
         raise ValueError("position-mode shifts need the samples' and a blank image's activations")
-    return delta[:, :, None, None] * foreground(acts, blank)
+    mask = foreground(acts, blank)
+    if mode == "gain":
+        ref = blank.mean((0, 2, 3))  # [C] the blank's channel vector
+        own_dir = means[own] - ref  # [B, C]
+        gain = torch.einsum("bchw,bc->bhw", acts - ref[None, :, None, None], own_dir)
+        gain = (gain / own_dir.pow(2).sum(1).clamp_min(1e-12)[:, None, None]).clamp_min(0.0)
+        mask = mask * gain[:, None]
+    return delta[:, :, None, None] * mask
+
+
+def affine(stats: Tensor, own: Tensor, other: Tensor, acts: Tensor, blank: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample ``(scale, delta)`` with ``a' = scale * a + delta`` moving each foreground
+    position's channels from the own value's moments to the other's (``moments`` mode).
+
+    Args:
+        stats: ``[V, 2, C]`` per value: foreground mean and std of each channel (:func:`value_means`).
+        own: ``[B]`` value index of each sample's cue; other: ``[B]`` the value it is moved to.
+        acts: ``[B, C, H, W]`` the samples' activations (where to apply).
+        blank: ``[1, C, H, W]`` a blank image's activations.
+
+    Returns:
+        ``scale`` and ``delta``, each ``[B, C, H, W]``; background positions get ``(1, 0)``.
+    """
+    mu_own, mu_other = stats[own, 0], stats[other, 0]  # [B, C]
+    sd_own, sd_other = stats[own, 1], stats[other, 1]
+    # a channel with (almost) no spread under the own value is only shifted, not rescaled
+    spread = sd_own > MIN_SPREAD * stats[:, 1].amax()
+    ratio = torch.where(spread, sd_other / sd_own.clamp_min(1e-12), torch.ones_like(sd_own))
+    mask = foreground(acts, blank)  # [B, 1, H, W]
+    scale = 1 + mask * (ratio - 1)[:, :, None, None]
+    delta = mask * (mu_other - ratio * mu_own)[:, :, None, None]
+    return scale, delta
 
 
 @contextmanager
-def added(module: nn.Module, delta: Tensor) -> Iterator[None]:
-    """Add ``delta`` to ``module``'s output during the block's forward passes; the hook is
-    removed on exit, also when the block raises."""
-    handle = module.register_forward_hook(lambda _m, _i, out: out + delta)
+def added(module: nn.Module, delta: Tensor, scale: Tensor | None = None) -> Iterator[None]:
+    """Replace ``module``'s output ``a`` by ``scale * a + delta`` (``scale`` ``None``: ``a +
+    delta``) during the block's forward passes; the hook is removed on exit, also when the block
+    raises."""
+    if scale is None:
+        handle = module.register_forward_hook(lambda _m, _i, out: out + delta)
+    else:
+        handle = module.register_forward_hook(lambda _m, _i, out: out * scale + delta)
     try:
         yield
     finally:
