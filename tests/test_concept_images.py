@@ -15,10 +15,11 @@ from cdistill.objective.concept_outputs import output_divergence
 from cdistill.objective.config import CounterfactualConfig, OutputConfig
 from cdistill.objective.counterfactual import (
     ShiftLayer,
-    added,
     affine,
     foreground,
+    mapped,
     shift,
+    transport,
     value_means,
 )
 
@@ -93,6 +94,35 @@ def test_moments_move_each_foreground_channel_to_the_other_values_mean_and_sprea
         shift(stats, torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), "moments", acts[:1], blank)
 
 
+def test_transport_maps_one_values_channel_distribution_onto_the_others() -> None:
+    """The Gaussian optimal-transport map reproduces the other value's mean and covariance,
+    including the channel correlations that ``moments`` (per channel) cannot."""
+    gen = torch.Generator().manual_seed(0)
+    blank = torch.zeros(1, 3, 5, 5)
+    mix = [torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.3, 1.0]]),
+           torch.tensor([[2.0, 0.0, 0.0], [-1.5, 0.5, 0.0], [0.4, 0.0, 0.7]])]
+    centre = [torch.tensor([3.0, 2.0, 4.0]), torch.tensor([6.0, 5.0, 3.0])]
+
+    def draw(k: int, n: int) -> torch.Tensor:
+        z = torch.randn(n, 5, 5, 3, generator=gen)
+        return (z @ mix[k].T + centre[k]).permute(0, 3, 1, 2)  # every position is foreground
+
+    stats = value_means([draw(0, 400), draw(1, 400)], blank, "transport")
+    assert stats.shape == (2, 4, 3)
+    matrices, offsets = transport(stats, torch.zeros(300, dtype=torch.long), torch.ones(300, dtype=torch.long))
+    acts = draw(0, 300)
+    moved = torch.einsum("bcd,bdhw->bchw", matrices, acts) + offsets[:, :, None, None]
+    rows = moved.permute(0, 2, 3, 1).reshape(-1, 3)
+    assert torch.allclose(rows.mean(0), centre[1], atol=0.1)
+    target = mix[1] @ mix[1].T
+    assert torch.allclose(torch.cov(rows.T), target, atol=0.15 * target.abs().max().item())
+    # the identity pair maps to (almost) nothing: A = I, d = 0
+    same, zero = transport(stats, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    assert torch.allclose(same[0], torch.eye(3), atol=1e-4) and zero.abs().max() < 1e-3
+    with pytest.raises(ValueError, match="transport"):
+        shift(stats, torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), "transport", acts[:1], blank)
+
+
 def test_shift_layer_parse_and_errors() -> None:
     assert ShiftLayer.parse("pool1") == ShiftLayer("pool1", "flatten")
     assert ShiftLayer.parse("input:position") == ShiftLayer("input", "position")
@@ -124,9 +154,9 @@ def test_position_shift_lands_on_foreground_only() -> None:
     assert flat.shape == (1, 3, 4, 4)
 
 
-def test_added_hook_is_removed_even_on_error() -> None:
+def test_mapped_hook_is_removed_even_on_error() -> None:
     layer = nn.Identity()
-    with pytest.raises(RuntimeError), added(layer, torch.ones(1)):
+    with pytest.raises(RuntimeError), mapped(layer, lambda a: a + 1):
         assert layer(torch.zeros(1)).item() == 1.0
         raise RuntimeError("boom")
     assert layer(torch.zeros(1)).item() == 0.0 and not layer._forward_hooks
@@ -154,7 +184,7 @@ def _cue_sets() -> list[ConceptImageSet]:
     return [ConceptImageSet(values, [0, 1], torch.zeros(5, 2, 3, 3), sensitize=False, weight=1.0)]
 
 
-@pytest.mark.parametrize("mode", ["flatten", "position", "moments", "gain"])
+@pytest.mark.parametrize("mode", ["flatten", "position", "moments", "gain", "transport"])
 def test_counterfactual_cost_falls_when_the_cue_is_not_read(mode: str) -> None:
     x = torch.zeros(4, 2, 3, 3)
     y = torch.tensor([0, 1, 0, 1])

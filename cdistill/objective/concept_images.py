@@ -18,7 +18,15 @@ from cdistill.concepts import load_spec, preprocess
 from cdistill.errors import CdistillError
 from cdistill.objective.concept_outputs import output_divergence, sample_rows
 from cdistill.objective.config import ConceptTerm, OutputConfig
-from cdistill.objective.counterfactual import ShiftLayer, added, affine, shift, value_means
+from cdistill.objective.counterfactual import (
+    ShiftLayer,
+    affine,
+    foreground,
+    mapped,
+    shift,
+    transport,
+    value_means,
+)
 from cdistill.utils.capture import capture, resolve_module, stop_after
 
 #: The layer name of the image itself (a student without an ``input`` module is shifted in pixels).
@@ -82,13 +90,46 @@ def _is_pixels(model: nn.Module, layer: str) -> bool:
 
 
 def _shifted_forward(model: nn.Module, forward: Callable[[Tensor], Tensor], layer: str, x: Tensor,
-                     delta: Tensor, scale: Tensor | None = None) -> Tensor:
-    """``forward(x)`` with ``layer``'s output ``a`` replaced by ``scale * a + delta`` (``scale``
-    ``None``: ``a + delta``; the pixels themselves, see :func:`_is_pixels`)."""
+                     fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``forward(x)`` with ``layer``'s output ``a`` replaced by ``fn(a)`` (the pixels themselves,
+    see :func:`_is_pixels`)."""
     if _is_pixels(model, layer):
-        return forward(x + delta if scale is None else x * scale + delta)
-    with added(resolve_module(model, layer), delta, scale):
+        return forward(fn(x))
+    with mapped(resolve_module(model, layer), fn):
         return forward(x)
+
+
+def _counterfactual_map(mode: str, means: Tensor, own: Tensor, other: Tensor, keep: Tensor,
+                        acts: Tensor | None, blank: Tensor) -> Callable[[Tensor], Tensor]:
+    """The map that moves a batch's layer output from each sample's own cue value to ``other``.
+
+    Args:
+        mode: The layer's :data:`~cdistill.objective.counterfactual.SHIFT_MODES` entry.
+        means: The values' concept statistics (:func:`~cdistill.objective.counterfactual.value_means`).
+        own, other: ``[B]`` value indices; keep: ``[B]`` samples the term acts on (others pass).
+        acts: ``[B, C, H, W]`` the batch's detached layer output (where position modes act).
+        blank: A blank image's output at the layer.
+
+    Returns:
+        ``fn(a) -> a'`` on the live (differentiable) output.
+    """
+    if mode == "transport":
+        if acts is None:
+            raise ValueError("transport-mode counterfactuals need the samples' activations")
+        matrices, offsets = transport(means, own, other)
+        mask = foreground(acts, blank) * keep.view(-1, 1, 1, 1).to(acts.dtype)  # [B, 1, H, W]
+        return lambda a: a + mask * (torch.einsum("bcd,bdhw->bchw", matrices, a)
+                                     + offsets[:, :, None, None] - a)
+    if mode == "moments":
+        if acts is None:
+            raise ValueError("moments-mode counterfactuals need the samples' activations")
+        scale, delta = affine(means, own, other, acts, blank)
+        kept = keep.view(-1, 1, 1, 1).to(acts.dtype)
+        scale, delta = 1 + (scale - 1) * kept, delta * kept
+        return lambda a: a * scale + delta
+    delta = shift(means, own, other, mode, acts, blank)
+    delta = delta * keep.view(-1, *[1] * (delta.dim() - 1)).to(delta.dtype)
+    return lambda a: a + delta
 
 
 class ConceptImageTerms:
@@ -175,16 +216,8 @@ class ConceptImageTerms:
                 chunks = acts[sl.layer]
                 blank = chunks[-1]
                 means = value_means(chunks[starts[id(s)] : starts[id(s)] + len(s.values)], blank, sl.mode)
-                kept = keep.view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
-                scale = None
-                if sl.mode == "moments":
-                    scale, delta = affine(means, own, other, here[sl.layer], blank)
-                    scale = 1 + (scale - 1) * kept
-                else:
-                    delta = shift(means, own, other, sl.mode, here.get(sl.layer), blank)
-                    kept = keep.view(-1, *[1] * (delta.dim() - 1)).to(delta.dtype)
-                delta = delta * kept
-                logits = _shifted_forward(model, forward, sl.layer, x, delta, scale)
+                logits = _shifted_forward(model, forward, sl.layer, x,
+                                          _counterfactual_map(sl.mode, means, own, other, keep, here.get(sl.layer), blank))
                 total = total + F.cross_entropy(logits[keep], y[keep])
         # A sum over layers: each layer's counterfactual is a separate constraint of weight λ_s.
         return total / max(terms, 1)

@@ -25,12 +25,17 @@ re-encoded cue is re-measured). Two ways to take a mean:
   position expresses the own value, ``a' = a + g (mu_j - mu_y)`` with ``g = <a - b, mu_y - b> /
   |mu_y - b|^2`` (``b``: the blank image's channel vector): a faint stroke edge is recoloured
   faintly, and where a channel pattern carries the shape in the own value's channels (after a
-  colour-selective first layer) the same shape is drawn into the other value's channels.
+  colour-selective first layer) the same shape is drawn into the other value's channels;
+* ``transport``: as ``moments`` with the channels' covariance instead of their spreads: the
+  linear optimal-transport (Monge) map between the two values' foreground channel distributions
+  taken as Gaussians, ``a' = mu_j + A (a - mu_y)``, ``A = S_y^-1/2 (S_y^1/2 S_j S_y^1/2)^1/2
+  S_y^-1/2`` (the whitening-colouring transform of style transfer): it can mix channels, which a
+  cue that one layer spreads over several channels needs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -39,13 +44,16 @@ from torch import Tensor, nn
 
 from cdistill.errors import CdistillError
 
-SHIFT_MODES = ("flatten", "position", "moments", "gain")
+SHIFT_MODES = ("flatten", "position", "moments", "gain", "transport")
 #: ``moments`` mode: a channel whose spread is under this share of the largest is not rescaled
 #: (its ratio of spreads would be noise over a near-zero denominator).
 MIN_SPREAD = 0.05
 #: A position is foreground when its channel vector differs from the blank image's by more
 #: than this share of the map's largest difference (the same rule as position-mode CAV rows).
 FOREGROUND_THRESHOLD = 0.1
+#: ``transport`` mode: ridge added to each covariance, as a share of its mean variance (dead or
+#: constant channels would make ``S_y`` singular).
+COVARIANCE_RIDGE = 1e-2
 
 
 @dataclass(frozen=True)
@@ -100,7 +108,8 @@ def value_means(acts: Sequence[Tensor], blank: Tensor, mode: str) -> Tensor:
         mode: ``flatten`` (mean map) or ``position`` (mean foreground channel vector).
 
     Returns:
-        ``[V, *shape]`` (flatten), ``[V, C]`` (position) or ``[V, 2, C]`` (moments: mean, std).
+        ``[V, *shape]`` (flatten), ``[V, C]`` (position), ``[V, 2, C]`` (moments: mean, std) or
+        ``[V, 1 + C, C]`` (transport: the mean, then the covariance).
     """
     if mode == "flatten":
         return torch.stack([a.mean(0) for a in acts])
@@ -115,6 +124,11 @@ def value_means(acts: Sequence[Tensor], blank: Tensor, mode: str) -> Tensor:
         if mode == "moments":
             var = (((a - mean[None, :, None, None]) ** 2) * mask).sum((0, 2, 3)) / count
             out.append(torch.stack([mean, var.sqrt()]))
+        elif mode == "transport":
+            rows = (a - mean[None, :, None, None]) * mask  # background rows are 0
+            flat = rows.permute(0, 2, 3, 1).reshape(-1, a.shape[1])  # [N*H*W, C]
+            cov = flat.T @ flat / count
+            out.append(torch.cat([mean[None], cov]))
         else:
             out.append(mean)
     return torch.stack(out)
@@ -135,8 +149,8 @@ def shift(means: Tensor, own: Tensor, other: Tensor, mode: str, acts: Tensor | N
     Returns:
         ``[B, *shape]`` to add to the layer's output.
     """
-    if mode == "moments":
-        raise ValueError("moments-mode counterfactuals rescale as well: use affine()")
+    if mode in ("moments", "transport"):
+        raise ValueError(f"{mode}-mode counterfactuals map, not shift: use affine() / transport()")
     delta = means[other] - means[own]
     if mode == "flatten":
         return delta
@@ -176,15 +190,44 @@ def affine(stats: Tensor, own: Tensor, other: Tensor, acts: Tensor, blank: Tenso
     return scale, delta
 
 
+def _sym_power(cov: Tensor, power: float) -> Tensor:
+    """``cov ** power`` of symmetric positive (semi-)definite ``[..., C, C]`` matrices."""
+    evals, evecs = torch.linalg.eigh(cov)
+    evals = evals.clamp_min(1e-30) ** power  # only rounding makes one negative: the inputs are PSD
+    return (evecs * evals[..., None, :]) @ evecs.transpose(-1, -2)
+
+
+def transport(stats: Tensor, own: Tensor, other: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample ``(A, d)`` with ``a' = A a + d`` the Gaussian optimal-transport map from the own
+    value's foreground channel distribution to the other's (``transport`` mode).
+
+    Args:
+        stats: ``[V, 1 + C, C]`` per value: the foreground mean (row 0) and covariance (rows 1..C)
+            of the channel vectors (:func:`value_means`).
+        own: ``[B]`` value index of each sample's cue; other: ``[B]`` the value it is moved to.
+
+    Returns:
+        ``A`` ``[B, C, C]`` and ``d`` ``[B, C]``.
+    """
+    means, covs = stats[:, 0], stats[:, 1:].double()
+    dim = covs.shape[-1]
+    # a floor on the mean variance keeps an all-constant map (zero covariance) at A = I
+    ridge = COVARIANCE_RIDGE * torch.diagonal(covs, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-6)
+    covs = covs + ridge[:, None, None] * torch.eye(dim, dtype=covs.dtype, device=covs.device)
+    # every (own, other) pair once: [V, V, C, C]
+    root, inv_root = _sym_power(covs, 0.5), _sym_power(covs, -0.5)
+    middle = _sym_power(root[:, None] @ covs[None] @ root[:, None], 0.5)
+    maps = (inv_root[:, None] @ middle @ inv_root[:, None]).to(stats.dtype)
+    matrices = maps[own, other]
+    offsets = means[other] - (matrices @ means[own][..., None])[..., 0]
+    return matrices, offsets
+
+
 @contextmanager
-def added(module: nn.Module, delta: Tensor, scale: Tensor | None = None) -> Iterator[None]:
-    """Replace ``module``'s output ``a`` by ``scale * a + delta`` (``scale`` ``None``: ``a +
-    delta``) during the block's forward passes; the hook is removed on exit, also when the block
-    raises."""
-    if scale is None:
-        handle = module.register_forward_hook(lambda _m, _i, out: out + delta)
-    else:
-        handle = module.register_forward_hook(lambda _m, _i, out: out * scale + delta)
+def mapped(module: nn.Module, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Replace ``module``'s output ``a`` by ``fn(a)`` during the block's forward passes; the hook
+    is removed on exit, also when the block raises."""
+    handle = module.register_forward_hook(lambda _m, _i, out: fn(out))
     try:
         yield
     finally:
