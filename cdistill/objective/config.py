@@ -415,7 +415,8 @@ class ProbeConfig:
 @dataclass(frozen=True)
 class CounterfactualConfig:
     """``model.counterfactual``: the layers of the latent-counterfactual term (docs/methods.md
-    §2.9), each ``<module path>`` (flatten mode) or ``<module path>:position``. ``None``: the
+    §2.9), each ``<module path>`` (flatten mode) or ``<module path>:<mode>`` (a
+    :data:`~cdistill.objective.counterfactual.SHIFT_MODES` entry). ``None``: the
     default, the pixels per position and ``model.layer`` flattened (:meth:`layers_for`)."""
 
     layers: tuple[str, ...] | None = None
