@@ -144,6 +144,27 @@ def test_model_left_as_it_was(planted: tuple[Planted, Tensor]) -> None:
     model.eval()
 
 
+def test_tiny_energies_still_converge() -> None:
+    # Logits ~40x smaller: energies ~1e-5, far below float32 eps x 100. The loss scale keeps
+    # L-BFGS's tolerances relative, so it does not stop after the first step.
+    model = Planted(C)
+    x = planted_inputs(64, (C, 4, 4), scale=0.005, seed=3)
+    b = extract_causal_bases(model, "layer", x, 2)["layer"]
+    assert float(b.energies[1]) < 1e-4
+    assert bool((principal_cosines(model.q, b.basis) > 0.99).all())
+
+
+def test_dead_channel_is_not_a_starting_point() -> None:
+    # Channel 0 is constant: ablating e_0 changes nothing and the energy's gradient vanishes
+    # there, so starting from it would return e_0 with zero energy.
+    model = Planted(C, seed=7)
+    x = planted_inputs(64, (C, 4, 4), seed=9)
+    x[:, 0] = 0.0
+    b = extract_causal_bases(model, "layer", x, 2)["layer"]
+    assert float(b.energies[1]) > 1e-4
+    assert float(b.basis[0].abs().max()) < 0.9  # neither vector is (close to) e_0
+
+
 # ---- 2. ablation modes -----------------------------------------------------------------------
 
 
@@ -199,7 +220,7 @@ def test_flatten_space_recovers_a_planted_map_subspace() -> None:
 
 def test_token_layer_in_position_space() -> None:
     model = Planted(C, "tokens", seed=5)
-    x = planted_inputs(64, (7, C), "tokens", seed=6)  # [B, T=7, C=6]
+    x = planted_inputs(64, (7, C), "tokens", scale=0.1, seed=6)  # [B, T=7, C=6]
     b = extract_causal_bases(model, "layer", x, 3, space="position")["layer"]
     check_basis(b, C)
     assert bool((principal_cosines(model.q, b.basis[:, :2]) > 0.99).all())

@@ -5,8 +5,9 @@ The *energy* of a unit direction ``v`` at a layer is the mean, over the inputs, 
 after ablating ``v`` (:mod:`cdistill.causal.ablation`). Vector ``j`` maximises the energy
 over unit vectors orthogonal to ``v_1..v_{j-1}``: an unconstrained ``u`` is projected away
 from the earlier vectors and normalised inside the objective, and L-BFGS with a strong Wolfe
-line search minimises the negative energy, starting from the standard basis vector farthest
-from the span of the earlier ones.
+line search minimises the negative energy. It starts from the standard basis vector off the
+span of the earlier ones along which the ablation moves the activation most, and the loss is
+divided by its starting value so that the optimiser's tolerances (the dtype's eps) are relative.
 
 Inputs stream: ``p`` is computed once per batch in a first pass (which also accumulates the
 mean activation for ``mean`` mode), and every function evaluation loops over the batches,
@@ -78,6 +79,7 @@ class _LayerStats:
     dim: int
     dtype: torch.dtype
     mean: Tensor  # [d] mean row over all inputs (and positions), working dtype
+    spread: Tensor  # [d] mean squared distance of each coordinate from its ablated value r
 
 
 @dataclass
@@ -142,13 +144,15 @@ def _reference_pass(
     layers: Sequence[str],
     batches: InputBatches,
     spaces: dict[str, str | None],
+    mode: str,
     seed: int,
 ) -> _Reference:
-    """Stream once: unmodified log-probabilities per batch, per-layer mean rows and shapes."""
+    """Stream once: unmodified log-probabilities per batch, per-layer row moments and shapes."""
     gen = torch.Generator().manual_seed(seed)
     log_p: list[Tensor] = []
     sources: list[Tensor] = []
     sums: dict[str, Tensor] = {}
+    squares: dict[str, Tensor] = {}
     rows_seen: dict[str, int] = {}
     found: dict[str, tuple[str, torch.dtype]] = {}
     count = 0
@@ -185,6 +189,7 @@ def _reference_pass(
                         "give inputs of one size, or use position space."
                     )
                 sums[layer] = sums.get(layer, 0) + rows.sum(0, dtype=torch.float64)
+                squares[layer] = squares.get(layer, 0) + rows.double().pow(2).sum(0)
                 rows_seen[layer] = rows_seen.get(layer, 0) + rows.shape[0]
             store.clear()
     if count == 0:
@@ -197,11 +202,13 @@ def _reference_pass(
     stats: dict[str, _LayerStats] = {}
     for layer in layers:
         space, dtype = found[layer]
-        packed = torch.cat([sums[layer], torch.tensor([float(rows_seen[layer])], device=device,
-                                                      dtype=torch.float64)])
-        packed = _all_reduce_sum(packed)
+        n = torch.tensor([float(rows_seen[layer])], device=device, dtype=torch.float64)
+        packed = _all_reduce_sum(torch.cat([sums[layer], squares[layer], n]))
+        dim = sums[layer].shape[0]
+        mean, second = packed[:dim] / packed[-1], packed[dim:-1] / packed[-1]
+        spread = second if mode == "zero" else (second - mean.pow(2)).clamp_min(0)
         work = _work_dtype(dtype)
-        stats[layer] = _LayerStats(space, packed.shape[0] - 1, work, (packed[:-1] / packed[-1]).to(work))
+        stats[layer] = _LayerStats(space, dim, work, mean.to(work), spread.to(work))
     return _Reference(log_p, sources, total, stats)
 
 
@@ -257,6 +264,12 @@ class _Energy:
         self.batches = batches
         self.ref = ref
         self.ablation = ablation
+        self.scale: float | None = None  # set by the first evaluation of each vector
+        self.floor = 0.0
+
+    def start(self, floor: float) -> None:
+        """Begin a new vector: the next evaluation fixes the loss scale, at least ``floor``."""
+        self.scale, self.floor = None, floor
 
     @staticmethod
     def direction(u: Tensor, basis: Tensor) -> Tensor:
@@ -272,7 +285,12 @@ class _Energy:
         return kl / self.ref.total
 
     def loss_and_grad(self, u: Tensor, basis: Tensor, j: int) -> Tensor:
-        """Negative energy at ``u``; fills ``u.grad`` (summed over batches and ranks)."""
+        """Negative energy at ``u``, divided by the vector's loss scale; fills ``u.grad``.
+
+        The scale (the energy at the starting point, at least the floor) makes L-BFGS's
+        absolute tolerances relative: a network whose energies are all ~1e-5 would otherwise
+        stop after one iteration.
+        """
         u.grad = torch.zeros_like(u)
         total = torch.zeros((), dtype=u.dtype, device=u.device)
         with torch.enable_grad():
@@ -296,7 +314,11 @@ class _Energy:
                 "ablated forward produced NaN/Inf. Check the model for overflow (e.g. run it "
                 "in float32) or pick another layer."
             )
-        return total
+        if self.scale is None:
+            start = abs(float(total))
+            self.scale = max(start, self.floor) if max(start, self.floor) > 0 else 1.0
+        u.grad /= self.scale
+        return total / self.scale
 
     @torch.no_grad()
     def energy(self, v: Tensor) -> Tensor:
@@ -334,9 +356,14 @@ def _extract_layer(
     bar = _progress(k, f"causal basis {layer}", progress)
     with ablate(model, layer, ablation):
         for j in range(k):
-            # Start from the standard basis vector farthest from the span found so far:
-            # its residual norm is 1 - ||row i of the basis||^2.
-            start = int(basis.pow(2).sum(1).argmin()) if j else 0
+            # Start from a standard basis vector off the span found so far (squared residual
+            # 1 - ||row i of the basis||^2) along which the ablation moves h the most (a dead
+            # channel would be a stationary point of zero energy).
+            residual = (1 - basis.pow(2).sum(1)).clamp_min(0)
+            score = residual * stats.spread if bool(stats.spread.any()) else residual
+            start = int(score.argmax())
+            # Energies far below the strongest one are noise for the loss scale.
+            objective.start(floor=1e-3 * max((float(e) for e in energies), default=0.0))
             u = torch.zeros(stats.dim, dtype=stats.dtype, device=device)
             u[start] = 1.0
             u = _Energy.direction(u, basis).requires_grad_(True)
@@ -430,7 +457,7 @@ def extract_causal_bases(
         resolve_module(model, spec)  # every name checked before any work
     batches = InputBatches(inputs, _model_device(model))
     with eval_mode(model), _frozen(model):
-        ref = _reference_pass(model, specs, batches, dict.fromkeys(specs, space), seed)
+        ref = _reference_pass(model, specs, batches, dict.fromkeys(specs, space), mode, seed)
         if mode == "resample" and any(s.shape[0] == 1 for s in ref.sources):
             raise CdistillError(
                 "mode='resample' takes h·v from another input of the same batch, but a batch "
