@@ -165,6 +165,29 @@ def test_dead_channel_is_not_a_starting_point() -> None:
     assert float(b.basis[0].abs().max()) < 0.9  # neither vector is (close to) e_0
 
 
+class _ThenReLU(nn.Module):
+    """``layer`` (a copy of x), then ReLU, then a planted head on the channels' means."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.planted = Planted(C, seed=10)
+        self.relu = nn.ReLU(inplace=inplace)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.relu(self.planted.layer(x * 1.0))  # a fresh tensor: the input stays intact
+        return self.planted.head(h.mean((2, 3)) @ self.planted.q)
+
+
+def test_mean_is_read_before_an_inplace_op(planted: tuple[Planted, Tensor]) -> None:
+    # A later ReLU(inplace=True) overwrites the layer's output; the mean for r must be the
+    # layer's own (pre-ReLU), so both models have the same energies.
+    _, x = planted
+    x = x + 0.1  # some channels' means change under a ReLU
+    a = extract_causal_bases(_ThenReLU(False), "planted.layer", x, 2)["planted.layer"]
+    b = extract_causal_bases(_ThenReLU(True), "planted.layer", x, 2)["planted.layer"]
+    assert torch.allclose(a.energies, b.energies, rtol=1e-4)
+
+
 # ---- 2. ablation modes -----------------------------------------------------------------------
 
 

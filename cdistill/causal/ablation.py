@@ -17,7 +17,7 @@ the layer's output, and always removes the hook on exit.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -108,24 +108,59 @@ class Ablation:
         return from_rows(rows.to(act.dtype), act, self.space)
 
 
-def _replace_output(layer: str, output: Any, index: int | None, ablation: Ablation) -> Any:
-    if index is None:
-        if not isinstance(output, Tensor):
-            raise CdistillError(
-                f"Layer {layer!r} returns {type(output).__name__}, not a tensor. Pick a "
-                "submodule that returns a tensor, or an element of a tuple output ('path:0')."
-            )
-        return ablation.apply(output)
+def _check_index(layer: str, output: Any, index: int) -> None:
     if not isinstance(output, (tuple, list)) or not -len(output) <= index < len(output):
         raise CdistillError(
             f"Layer {layer!r}: element {index} does not exist in the module's output "
             f"({type(output).__name__}); fix or drop the ':index' suffix."
         )
+
+
+def select_output(layer: str, output: Any, index: int | None) -> Tensor:
+    """The tensor a layer spec names in a module's output (element ``index`` of a tuple)."""
+    if index is not None:
+        _check_index(layer, output, index)
+        output = output[index]
+    if not isinstance(output, Tensor):
+        raise CdistillError(
+            f"Layer {layer!r} returns {type(output).__name__}, not a tensor. Pick a "
+            "submodule that returns a tensor, or an element of a tuple output ('path:0')."
+        )
+    return output
+
+
+def _replace_output(layer: str, output: Any, index: int | None, ablation: Ablation) -> Any:
+    if index is None:
+        return ablation.apply(select_output(layer, output, None))
+    _check_index(layer, output, index)
     replaced = list(output)
-    replaced[index] = ablation.apply(replaced[index])
+    replaced[index] = ablation.apply(select_output(layer, output, index))
     if hasattr(output, "_fields"):  # a namedtuple takes its fields positionally
         return type(output)(*replaced)
     return type(output)(replaced) if isinstance(output, tuple) else replaced
+
+
+@contextmanager
+def watch(model: nn.Module, layer: str, read: Callable[[Tensor], None]) -> Iterator[None]:
+    """Call ``read`` on the output of ``layer`` in every forward inside the block.
+
+    ``read`` runs inside the hook, before any later module (e.g. ``ReLU(inplace=True)``) can
+    modify the output in place, so it must consume the tensor there and then.
+
+    Raises:
+        CdistillError: ``layer`` is not a module path (close names are listed).
+    """
+    module = resolve_module(model, layer)
+    index = parse_layer(layer)[1]
+
+    def hook(mod: nn.Module, inputs: Any, output: Any) -> None:
+        read(select_output(layer, output, index))
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextmanager

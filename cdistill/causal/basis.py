@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,10 +44,11 @@ from cdistill.causal.ablation import (
     check_space,
     default_space,
     to_rows,
+    watch,
 )
 from cdistill.causal.inputs import InputBatches
 from cdistill.errors import CdistillError, NonFiniteError
-from cdistill.utils.capture import capture, eval_mode, resolve_module
+from cdistill.utils.capture import eval_mode, resolve_module
 
 
 @dataclass(frozen=True)
@@ -138,12 +139,56 @@ def _derangement(n: int, gen: torch.Generator) -> Tensor:
     return source
 
 
+class _Moments:
+    """Streaming float64 sums of one layer's rows (read at hook time; see :func:`watch`)."""
+
+    def __init__(self, layer: str, space: str | None) -> None:
+        self.layer = layer
+        self.space = space
+        self.dtype = torch.float32
+        self.sum: Tensor | None = None
+        self.squares: Tensor | None = None
+        self.rows = 0
+        self.seen = False
+
+    def __call__(self, act: Tensor) -> None:
+        self.seen = True
+        if self.space is None:
+            self.space = default_space(act)
+        self.dtype = act.dtype
+        rows = to_rows(act.detach(), self.space)
+        rows = rows.reshape(-1, rows.shape[-1]).double()
+        if self.sum is None or self.squares is None:
+            self.sum, self.squares = rows.sum(0), rows.pow(2).sum(0)
+        elif self.sum.shape[0] != rows.shape[1]:
+            raise CdistillError(
+                f"Layer {self.layer!r} changed its row size between batches "
+                f"({self.sum.shape[0]} -> {rows.shape[1]}) in {self.space!r} space: give "
+                "inputs of one size, or use position space."
+            )
+        else:
+            self.sum += rows.sum(0)
+            self.squares += rows.pow(2).sum(0)
+        self.rows += rows.shape[0]
+
+    def stats(self, mode: str) -> _LayerStats:
+        """Reduce across ranks; the spread is the mean squared distance from ``r``."""
+        assert self.sum is not None and self.squares is not None and self.space is not None
+        n = self.sum.new_tensor([float(self.rows)])
+        packed = _all_reduce_sum(torch.cat([self.sum, self.squares, n]))
+        dim = self.sum.shape[0]
+        mean, second = packed[:dim] / packed[-1], packed[dim:-1] / packed[-1]
+        spread = second if mode == "zero" else (second - mean.pow(2)).clamp_min(0)
+        work = _work_dtype(self.dtype)
+        return _LayerStats(self.space, dim, work, mean.to(work), spread.to(work))
+
+
 @torch.no_grad()
 def _reference_pass(
     model: nn.Module,
     layers: Sequence[str],
     batches: InputBatches,
-    spaces: dict[str, str | None],
+    space: str | None,
     mode: str,
     seed: int,
 ) -> _Reference:
@@ -151,12 +196,11 @@ def _reference_pass(
     gen = torch.Generator().manual_seed(seed)
     log_p: list[Tensor] = []
     sources: list[Tensor] = []
-    sums: dict[str, Tensor] = {}
-    squares: dict[str, Tensor] = {}
-    rows_seen: dict[str, int] = {}
-    found: dict[str, tuple[str, torch.dtype]] = {}
+    moments = {layer: _Moments(layer, space) for layer in layers}
     count = 0
-    with capture(model, layers, detach=True) as store:
+    with ExitStack() as stack:
+        for layer in layers:
+            stack.enter_context(watch(model, layer, moments[layer]))
         for x in batches:
             if x.shape[0] == 0:  # placeholders keep the batch indices aligned
                 log_p.append(torch.zeros(0, device=x.device))
@@ -171,45 +215,20 @@ def _reference_pass(
             log_p.append(lp)
             sources.append(_derangement(x.shape[0], gen).to(x.device))
             count += x.shape[0]
-            for layer in layers:
-                if layer not in store:
-                    raise CdistillError(
-                        f"Layer {layer!r} produced no output in a forward pass of the model: it "
-                        "is not on the forward path. Pick a layer the forward pass runs."
-                    )
-                act = store[layer]
-                space = spaces[layer] or default_space(act)
-                rows = to_rows(act, space)
-                rows = rows.reshape(-1, rows.shape[-1])
-                found.setdefault(layer, (space, act.dtype))
-                if layer in sums and sums[layer].shape[0] != rows.shape[1]:
-                    raise CdistillError(
-                        f"Layer {layer!r} changed its row size between batches "
-                        f"({sums[layer].shape[0]} -> {rows.shape[1]}) in {space!r} space: "
-                        "give inputs of one size, or use position space."
-                    )
-                sums[layer] = sums.get(layer, 0) + rows.sum(0, dtype=torch.float64)
-                squares[layer] = squares.get(layer, 0) + rows.double().pow(2).sum(0)
-                rows_seen[layer] = rows_seen.get(layer, 0) + rows.shape[0]
-            store.clear()
     if count == 0:
         raise CdistillError(
             "No inputs: the tensor or the batches given to extract_causal_bases are empty. "
             "Pass at least one input (on every rank under DDP)."
         )
+    for layer, m in moments.items():
+        if not m.seen:
+            raise CdistillError(
+                f"Layer {layer!r} produced no output in a forward pass of the model: it is not "
+                "on the forward path. Pick a layer the forward pass runs."
+            )
     device = next(lp.device for lp in log_p if lp.numel())
     total = int(_all_reduce_sum(torch.tensor([float(count)], device=device)).item())
-    stats: dict[str, _LayerStats] = {}
-    for layer in layers:
-        space, dtype = found[layer]
-        n = torch.tensor([float(rows_seen[layer])], device=device, dtype=torch.float64)
-        packed = _all_reduce_sum(torch.cat([sums[layer], squares[layer], n]))
-        dim = sums[layer].shape[0]
-        mean, second = packed[:dim] / packed[-1], packed[dim:-1] / packed[-1]
-        spread = second if mode == "zero" else (second - mean.pow(2)).clamp_min(0)
-        work = _work_dtype(dtype)
-        stats[layer] = _LayerStats(space, dim, work, mean.to(work), spread.to(work))
-    return _Reference(log_p, sources, total, stats)
+    return _Reference(log_p, sources, total, {layer: m.stats(mode) for layer, m in moments.items()})
 
 
 @contextmanager
@@ -457,7 +476,7 @@ def extract_causal_bases(
         resolve_module(model, spec)  # every name checked before any work
     batches = InputBatches(inputs, _model_device(model))
     with eval_mode(model), _frozen(model):
-        ref = _reference_pass(model, specs, batches, dict.fromkeys(specs, space), mode, seed)
+        ref = _reference_pass(model, specs, batches, space, mode, seed)
         if mode == "resample" and any(s.shape[0] == 1 for s in ref.sources):
             raise CdistillError(
                 "mode='resample' takes h·v from another input of the same batch, but a batch "
