@@ -188,6 +188,34 @@ def test_mean_is_read_before_an_inplace_op(planted: tuple[Planted, Tensor]) -> N
     assert torch.allclose(a.energies, b.energies, rtol=1e-4)
 
 
+class _TupleLayer(nn.Module):
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x * 1.0, x.sum()
+
+
+class _TupleModel(nn.Module):
+    """The planted model with a layer that returns ``(h, extra)``: spec ``"layer:0"``."""
+
+    def __init__(self, planted: Planted) -> None:
+        super().__init__()
+        self.planted = planted
+        self.layer = _TupleLayer()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.layer(x)
+        return self.planted(h)
+
+
+def test_tuple_output_element(planted: tuple[Planted, Tensor]) -> None:
+    model, x = planted
+    plain = extract_causal_bases(model, "layer", x, 2)["layer"]
+    b = extract_causal_bases(_TupleModel(model), "layer:0", x, 2)["layer:0"]
+    assert bool((column_cosines(plain.basis, b.basis) > 0.999).all())
+    assert torch.allclose(plain.energies, b.energies, rtol=1e-4)
+    with pytest.raises(CdistillError, match="element 2 does not exist"):
+        extract_causal_bases(_TupleModel(model), "layer:2", x, 1)
+
+
 # ---- 2. ablation modes -----------------------------------------------------------------------
 
 

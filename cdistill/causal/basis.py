@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -373,7 +373,7 @@ def _extract_layer(
     basis = torch.zeros(stats.dim, 0, dtype=stats.dtype, device=device)
     energies: list[Tensor] = []
     bar = _progress(k, f"causal basis {layer}", progress)
-    with ablate(model, layer, ablation):
+    with ablate(model, layer, ablation), closing(bar):
         for j in range(k):
             # Start from a standard basis vector off the span found so far (squared residual
             # 1 - ||row i of the basis||^2) along which the ablation moves h the most (a dead
@@ -408,7 +408,6 @@ def _extract_layer(
                 break
             basis = torch.cat([basis, v.unsqueeze(1)], dim=1)
             energies.append(energy)
-    bar.close()
     values = torch.stack(energies) if energies else torch.zeros(0, dtype=stats.dtype, device=device)
     order = torch.argsort(values, descending=True)
     basis, values = basis[:, order].contiguous(), values[order].contiguous()
