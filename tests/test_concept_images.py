@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cdistill.concepts import load_spec
 from cdistill.errors import CdistillError
 from cdistill.objective.concept_images import ConceptImageSet, ConceptImageTerms
 from cdistill.objective.concept_outputs import output_divergence
@@ -66,6 +67,39 @@ def test_set_reduction_pulls_each_values_mean_not_each_image() -> None:
     assert output_divergence(both, "pooled", sets=2).item() > 0.05
     with pytest.raises(CdistillError, match=r"model\.outputs\.reduce"):
         OutputConfig(reduce="batch")
+
+
+def test_paired_load_draws_the_same_strokes_for_every_value_and_the_negative() -> None:
+    own = load_spec("concepts/color_mnist.yaml")
+    paired = load_spec("concepts/color_mnist.yaml", paired=True)
+    def mismatch(sets: dict[str, torch.Tensor], a: str, b: str) -> float:
+        """Share of inked pixels inked in one image of the pair only (faint edges round to 0
+        in a dark colour, hence not exactly 0)."""
+        ink_a, ink_b = sets[a][:150].amax(1) > 0, sets[b][:150].amax(1) > 0
+        return float((ink_a != ink_b).sum() / ink_a.sum())
+
+    assert mismatch(paired, "color_2", "color_7") < 0.002 and mismatch(paired, "color_2", "grey") < 0.002
+    assert not torch.equal(paired["color_2"], paired["color_7"])  # ... in other colours
+    assert mismatch(own, "color_2", "color_7") > 0.5  # without pairing each set has its own strokes
+    # glyph sets over strokes pair with the plain strokes too
+    marker = load_spec("concepts/marker_mnist.yaml", paired=True)
+    strokes = marker["strokes"][:150].float()
+    assert bool(((marker["glyph_4"].float() - strokes) >= 0).all())  # the glyph is added, strokes kept
+
+
+def test_paired_target_compares_each_image_with_its_own_versions() -> None:
+    gen = torch.Generator().manual_seed(0)
+    per_pair = torch.randn(1, 6, 4, generator=gen)  # six pairs, each with its own prediction
+    same = per_pair.expand(3, 6, 4)  # two values and the negative agree within each pair
+    concept, negative = same[:2].reshape(12, 4), same[2]
+    assert output_divergence(concept, "paired", negative).item() == pytest.approx(0.0, abs=1e-6)
+    # the pooled target is not satisfied by that: the pairs' predictions differ from each other
+    assert output_divergence(concept, "pooled").item() > 0.05
+    moved = concept.clone()
+    moved[6:] += torch.tensor([3.0, 0, 0, 0])  # value 1 leans to class 0 on the same shapes
+    assert output_divergence(moved, "paired", negative).item() > 0.1
+    # reduce=set does not apply: each pair is compared image by image
+    assert output_divergence(moved, "paired", negative, sets=2) == output_divergence(moved, "paired", negative)
 
 
 def test_moments_move_each_foreground_channel_to_the_other_values_mean_and_spread() -> None:

@@ -47,6 +47,10 @@ PROJECT_ROOT = data_root()
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
 
+#: The one stream of a paired spec load (:func:`load_spec`).
+PAIRED_STREAM = "paired"
+
+
 def _generator(seed: int, name: str) -> torch.Generator:
     # crc32 of the set name: distinct sets get distinct streams, stable across processes.
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
@@ -147,7 +151,8 @@ def _glyph_images(n: int, size: int, gen: torch.Generator, params: Mapping[str, 
     return img.float().unsqueeze(1).expand(n, 3, size, size)
 
 
-def generate(kind: str, n: int, seed: int, name: str, *, size: int = 28, channels: int = 3, **params: Any) -> Tensor:
+def generate(kind: str, n: int, seed: int, name: str, *, size: int = 28, channels: int = 3,
+             stream: str | None = None, **params: Any) -> Tensor:
     """Generate ``n`` concept images deterministically.
 
     Args:
@@ -156,6 +161,8 @@ def generate(kind: str, n: int, seed: int, name: str, *, size: int = 28, channel
         n: Number of images.
         seed: Spec seed; combined with ``name`` so every set has its own stream.
         name: Set name.
+        stream: Draw from this stream instead of ``name``'s: sets that share a stream share
+            their shapes image by image (the first random draw is the strokes or blobs).
         size: Image side.
         channels: 3 (RGB) or 1 (grey: the mean of RGB).
         **params: ``fill`` and its ``index``; ``grey`` for patches; ``glyph`` (id 0..9),
@@ -166,7 +173,7 @@ def generate(kind: str, n: int, seed: int, name: str, *, size: int = 28, channel
     """
     if n < 1:
         raise CdistillError(f"Concept set {name!r} asks for n={n} images; it needs at least 1.")
-    gen = _generator(seed, name)
+    gen = _generator(seed, stream or name)
     if kind in ("strokes", "blobs"):
         mask = stroke_masks(n, size, gen) if kind == "strokes" else blob_masks(n, size, gen)
         img = _fill(str(params.get("fill", "white")), mask, gen, params)
@@ -273,13 +280,17 @@ def expand_templates(sets: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[st
     return out
 
 
-def load_spec(path: str | Path, *, channels: int | None = None, size: int | None = None) -> dict[str, Tensor]:
+def load_spec(path: str | Path, *, channels: int | None = None, size: int | None = None,
+              paired: bool = False) -> dict[str, Tensor]:
     """Build every concept set a YAML spec names.
 
     Args:
         path: The spec file.
         channels: Override the spec's channels (the student's input channels).
         size: Override the spec's image size.
+        paired: Draw every generated set from one shared stream instead of one per set name, so
+            image ``i`` of ``color_3``, of ``color_7`` and of ``grey`` has the same strokes (the
+            paired target of the concept-only term). Folder sets are read as they are.
 
     Returns:
         Set name -> ``uint8 [N, C, H, W]``; a pool with ``split: S`` gives ``name/0`` ..
@@ -304,7 +315,8 @@ def load_spec(path: str | Path, *, channels: int | None = None, size: int | None
             images = load_image_folder(folder, size=size, channels=channels, name=name)
         else:
             images = generate(
-                entry.pop("kind"), int(entry.pop("n")), seed, name, size=size, channels=channels, **entry
+                entry.pop("kind"), int(entry.pop("n")), seed, name, size=size, channels=channels,
+                stream=PAIRED_STREAM if paired else None, **entry,
             )
         if split:
             per = len(images) // split

@@ -55,11 +55,12 @@ class ConceptImageSet:
 
 def load_image_sets(
     spec: str, terms: Sequence[ConceptTerm], num_classes: int, normalize: Callable[[Tensor], Tensor],
-    channels: int, size: int, device: torch.device | str,
+    channels: int, size: int, device: torch.device | str, paired: bool = False,
 ) -> tuple[list[ConceptImageSet], Tensor]:
     """The :class:`ConceptImageSet` of every term and a blank (black) image ``[1, C, H, W]``,
-    both with the student's preprocessing."""
-    images = load_spec(spec, channels=channels, size=size)
+    both with the student's preprocessing (``paired``: the spec's generated sets drawn from one
+    shared stream, :func:`~cdistill.concepts.sets.load_spec`)."""
+    images = load_spec(spec, channels=channels, size=size, paired=paired)
 
     def named(name: str) -> Tensor:
         base = name.rstrip("/")
@@ -162,8 +163,14 @@ class ConceptImageTerms:
             generator: The task's generator (CPU), for the draws.
             counterfactual: Also compute the counterfactual term.
         """
-        batches = [s_images[sample_rows(len(s_images), self.cfg.per_set, generator).to(x.device)]
-                   for s in self.sets for s_images in (*s.values, s.negatives)]
+        batches = []
+        for s in self.sets:
+            group = (*s.values, s.negatives)
+            if self.cfg.target == "paired":  # the same rows of every version: image i is one shape
+                rows = sample_rows(min(len(g) for g in group), self.cfg.per_set, generator).to(x.device)
+                batches += [g[rows] for g in group]
+            else:
+                batches += [g[sample_rows(len(g), self.cfg.per_set, generator).to(x.device)] for g in group]
         sizes = [len(b) for b in batches] + [1]
         layers = [sl.layer for sl in self.layers] if counterfactual else []
         module_layers = [name for name in layers if not _is_pixels(model, name)]

@@ -11,7 +11,12 @@ class ``k`` on concept ``k`` images; the term pulls those predictions to
 * ``negative``: the model's own mean prediction on the term's negative images (``KL(q || p)``,
   ``q`` held fixed): adding the concept to an image must not change the prediction;
 * ``pooled``: the mean prediction over all of the term's concept images (``KL(q || p)``, ``q``
-  held fixed): predictions must not depend on *which* concept value is present.
+  held fixed): predictions must not depend on *which* concept value is present;
+* ``paired``: invariance on paired concept images. The spec's generated sets are drawn from one
+  shared stream, so image ``i`` of every value's set and of the negative set shows the same
+  strokes with another value of the cue, or without it; ``q_i`` is the mean prediction over
+  image ``i``'s versions (held fixed) and each version is pulled to it: changing or removing the
+  cue on the *same* shape must not change the prediction.
 
 Two ways to read "the predictions" (``reduce``):
 
@@ -34,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 #: What concept-image predictions are pulled towards (see the module docstring).
-OUTPUT_TARGETS = ("uniform", "negative", "pooled")
+OUTPUT_TARGETS = ("uniform", "negative", "pooled", "paired")
 #: Whose prediction is pulled to the target: each image's, or each cue value's mean (docstring).
 OUTPUT_REDUCTIONS = ("image", "set")
 
@@ -52,20 +57,29 @@ def output_divergence(concept_logits: Tensor, target: str, reference_logits: Ten
         concept_logits: ``[M, C]`` logits of concept images (``sets > 0``: ``sets`` equal blocks,
             one per cue value, in order).
         target: One of :data:`OUTPUT_TARGETS`.
-        reference_logits: ``[M', C]`` logits of the negative images (``negative`` target only).
-        sets: ``0``: each image's prediction is ``p`` (``reduce=image``); ``V > 0``: ``p`` is the
-            mean predicted distribution of each of the ``V`` blocks (``reduce=set``).
+        reference_logits: ``[M', C]`` logits of the negative images (``negative``; ``paired``:
+            ``[per_set, C]``, image ``i`` the version without the cue of each block's image ``i``).
+        sets: ``0``: each image's prediction is ``p`` (``reduce=image``; always for ``paired``);
+            ``V > 0``: ``p`` is the mean predicted distribution of each of the ``V`` blocks
+            (``reduce=set``).
 
     Returns:
         Scalar, ``>= 0``; ``0`` when every prediction (every block's mean) equals ``q``.
     """
-    if sets:
+    if sets and target != "paired":  # a pair is compared image by image
         # log of the mean distribution per block: [V, C]
         probs = F.softmax(concept_logits, dim=1).reshape(sets, -1, concept_logits.shape[1]).mean(1)
         logp = probs.clamp_min(1e-12).log()
     else:
         logp = F.log_softmax(concept_logits, dim=1)
     num_classes = concept_logits.shape[1]
+    if target == "paired":
+        if reference_logits is None:
+            raise ValueError("the 'paired' target needs the negative images' logits (the versions without the cue)")
+        versions = torch.cat([concept_logits, reference_logits]).reshape(-1, len(reference_logits), num_classes)
+        logp = F.log_softmax(versions, dim=-1)  # [V + 1, per_set, C]
+        q = logp.detach().exp().mean(0, keepdim=True).clamp_min(1e-12)  # each pair's mean prediction
+        return (q * (q.log() - logp)).sum(-1).mean()
     if target == "uniform":
         # KL(u || p) = -log C - mean_j log p_j
         return (-logp.mean(1) - math.log(num_classes)).mean()

@@ -345,7 +345,7 @@ class ConceptDistillModule(AdversarialProbeMixin):
         §2.8-2.9, §2.12)."""
         sets, blank = load_image_sets(
             self.concepts_cfg.spec or "", self.concepts_cfg.terms, self.hparams["num_classes"], datamodule.normalize,
-            datamodule.num_channels, datamodule.image_size, self.device,
+            datamodule.num_channels, datamodule.image_size, self.device, paired=self.output_cfg.target == "paired",
         )
         self.image_terms = ConceptImageTerms(sets, blank, self.output_cfg, self.shift_layers)
 
