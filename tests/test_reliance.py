@@ -171,3 +171,13 @@ def test_reliance_measure_through_cdistill_measure(make_cfg: MakeCfg, tmp_path: 
     assert metrics["reliance/concept_agreement_lo"] <= metrics["reliance/concept_agreement"] <= metrics["reliance/concept_agreement_hi"]
     assert 0.0 <= metrics["reliance/causal_share_in_bias"] <= 1.0
     assert "reliance/ablation_kl" in (Path(cfg.paths.output_dir) / "measure.md").read_text()
+
+
+def test_bias_term_is_the_class_indexed_term() -> None:
+    from cdistill.cli.reliance_report import bias_term
+    from cdistill.objective.config import ConceptsConfig
+
+    terms = [{"concept": "stripes", "negative": "random"}, {"concept": "color_{y}", "negative": "grey"}]
+    assert bias_term(ConceptsConfig.from_dict({"spec": "x.yaml", "terms": terms})).concept == "color_{y}"
+    with pytest.raises(CdistillError, match="class-indexed bias term"):
+        bias_term(ConceptsConfig.from_dict({"spec": "x.yaml", "terms": terms[:1]}))

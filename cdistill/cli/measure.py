@@ -187,6 +187,8 @@ def reliance_measure(ctx: MeasureContext) -> dict[str, float]:
     concepts = ConceptsConfig.from_dict(OmegaConf.to_container(cfg.model.concepts, resolve=True))  # type: ignore[arg-type]
     settings = OmegaConf.to_container(mr, resolve=True)
     assert isinstance(settings, dict)
+    split = settings.get("split")
+    settings["split"] = eval_splits(ctx.datamodule, [split] if isinstance(split, str) else split)
     return reliance_metrics(ctx.student, ctx.datamodule, concepts, measured_layer(ctx, layer),
                             int(ctx.datamodule.num_classes), {str(k): v for k, v in settings.items()})
 

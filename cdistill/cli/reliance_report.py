@@ -7,7 +7,8 @@ row mode); their span is the bias subspace. Then (:mod:`cdistill.causal.reliance
 
 - ``reliance/ablation_kl`` / ``reliance/ablation_kl_random``: mean KL of the student's output
   when the bias subspace / a random one of the same rank is mean-ablated, on ``split``;
-- ``reliance/acc_drop`` (and ``_conflicting`` / ``_aligned``): accuracy lost by that ablation;
+- ``reliance/acc_drop`` (and ``_conflicting`` / ``_aligned`` where ``split`` has such inputs,
+  ``_random`` for the control): accuracy lost by that ablation;
 - ``reliance/concept_agreement`` (``_lo`` / ``_hi``: Wilson 95%), ``reliance/chance``: how often
   the concept images of value ``k`` alone are classified as ``k``;
 - ``reliance/causal_share_in_bias``: the energy share of the layer's top causal directions
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from cdistill.causal import (
     causal_alignment,
@@ -128,11 +129,14 @@ def reliance_metrics(model: nn.Module, datamodule: Any, concepts: ConceptsConfig
         concepts: ``model.concepts`` (spec, terms, CAV settings).
         layer: The measured layer (already resolved).
         num_classes: Classes of the task.
-        settings: ``measure.reliance``: ``split``, ``max_inputs``, ``mode``, ``k`` (``null``:
+        settings: ``measure.reliance``: ``split`` (a name or a list, concatenated), ``max_inputs``, ``mode``, ``k`` (``null``:
             rank + 2; 0: no causal share), ``causal_inputs``, ``max_iter``, ``seed``.
     """
     bias = bias_subspace(model, datamodule, concepts, layer, num_classes)
-    data = datamodule.split(str(settings["split"]))
+    names = settings["split"]
+    names = [str(names)] if isinstance(names, str) else [str(n) for n in names]
+    # Several splits: a biased one gives the aligned inputs, a shifted one the conflicting.
+    data: ConcatDataset[Any] = ConcatDataset([datamodule.split(n) for n in names])
     gen = torch.Generator().manual_seed(int(settings["seed"]))
     # A seeded subset, not the first inputs: a split may be ordered by class or group.
     order = torch.randperm(len(data), generator=gen)[: int(settings["max_inputs"])].sort().values.tolist()
@@ -147,7 +151,7 @@ def reliance_metrics(model: nn.Module, datamodule: Any, concepts: ConceptsConfig
         "reliance/acc_drop_random": abl.control["all"].acc_drop,
     }
     for group in ("conflicting", "aligned"):
-        if group in abl.concept:
+        if group in abl.concept and abl.concept[group].n > 0:  # e.g. a shifted test split has no aligned inputs
             out[f"reliance/acc_drop_{group}"] = abl.concept[group].acc_drop
     agree = concept_only_agreement(model, bias.images, bias.classes)
     out |= {"reliance/concept_agreement": agree.rate, "reliance/concept_agreement_lo": agree.lo,
