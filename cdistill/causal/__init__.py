@@ -2,9 +2,31 @@
 the model's output depends on most, found by maximising the KL divergence of their ablation.
 
 :func:`extract_causal_bases` returns one :class:`CausalBasis` per layer;
-:mod:`cdistill.causal.ablation` holds the ablation hook it patches the layer with.
+:mod:`cdistill.causal.ablation` holds the ablation hook it patches the layer with; :mod:`cdistill.causal.reliance` the interventional
+reliance measures (concept ablation, concept-only agreement, causal alignment).
 """
 
 from cdistill.causal.basis import CausalBasis, extract_causal_bases
+from cdistill.causal.reliance import (
+    AblationEffect,
+    Agreement,
+    CausalAlignment,
+    ConceptAblation,
+    causal_alignment,
+    concept_ablation,
+    concept_only_agreement,
+    wilson_interval,
+)
 
-__all__ = ["CausalBasis", "extract_causal_bases"]
+__all__ = [
+    "AblationEffect",
+    "Agreement",
+    "CausalAlignment",
+    "CausalBasis",
+    "ConceptAblation",
+    "causal_alignment",
+    "concept_ablation",
+    "concept_only_agreement",
+    "extract_causal_bases",
+    "wilson_interval",
+]

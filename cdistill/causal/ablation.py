@@ -11,7 +11,8 @@ A layer's output is read as feature rows ``[..., d]`` in one of two *spaces*:
 
 Ablating a unit direction ``v`` replaces every row ``h`` by ``h − (h·v) v + r v``, where ``r``
 is the mean of ``h·v`` (``mean``), 0 (``zero``) or ``h·v`` of another input of the batch at
-the same position (``resample``). :func:`ablate` applies it with a forward hook that replaces
+the same position (``resample``); a subspace with orthonormal columns ``V [d, r]`` is ablated
+the same way, ``h − V Vᵀ h + V Vᵀ r``. :func:`ablate` applies it with a forward hook that replaces
 the layer's output, and always removes the hook on exit.
 """
 
@@ -22,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from cdistill.errors import CdistillError, unknown_name
@@ -73,8 +75,9 @@ class Ablation:
     Attributes:
         mode: One of :data:`MODES`.
         space: One of :data:`SPACES`.
-        direction: Unit vector ``[d]`` to ablate (in the working dtype); ``None`` leaves the
-            output untouched.
+        direction: Unit vector ``[d]`` to ablate (in the working dtype), or orthonormal columns
+            ``[d, r]`` whose span is ablated at once (:mod:`cdistill.causal.reliance`);
+            ``None`` leaves the output untouched.
         mean: Mean row ``[d]`` over all inputs (``mean`` mode): ``r = mean · v``.
         source: ``[B]`` index of the input whose ``h·v`` each sample takes (``resample``).
     """
@@ -94,6 +97,8 @@ class Ablation:
         v = self.direction
         if v is None:
             return act
+        if v.ndim == 2:
+            return self._apply_subspace(act, v)
         rows = to_rows(act, self.space).to(v.dtype)
         coef = rows @ v  # [B, ...]
         if self.mode == "mean":
@@ -105,6 +110,22 @@ class Ablation:
             assert self.source is not None, "resample mode needs the source indices"
             target = coef[self.source]
         rows = rows + (target - coef).unsqueeze(-1) * v
+        return from_rows(rows.to(act.dtype), act, self.space)
+
+    def _apply_subspace(self, act: Tensor, basis: Tensor) -> Tensor:
+        """:meth:`apply` for orthonormal columns ``basis [d, r]``: ``h − P h + P r`` with
+        ``P = V Vᵀ``, the same three choices of ``r`` as for one direction."""
+        rows = to_rows(act, self.space).to(basis.dtype)
+        coef = rows @ basis  # [B, ..., r]
+        if self.mode == "mean":
+            assert self.mean is not None, "mean mode needs the mean activation"
+            target = (self.mean @ basis).expand_as(coef)
+        elif self.mode == "zero":
+            target = torch.zeros_like(coef)
+        else:
+            assert self.source is not None, "resample mode needs the source indices"
+            target = coef[self.source]
+        rows = rows + (target - coef) @ basis.T
         return from_rows(rows.to(act.dtype), act, self.space)
 
 

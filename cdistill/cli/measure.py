@@ -15,9 +15,13 @@ Each measure in ``measure.measures`` adds flat metrics; the run directory gets `
 - ``accuracy``: per evaluation split ``<split>/acc``, ``acc_aligned``, ``acc_conflicting``,
   ``acc_worst_group``, ``acc_group_mean`` and ``acc_group<label>_<bias>``; ``groups.png``;
 - ``tcav``: TCAV of ``measure.tcav.concepts`` (default ``pipeline.tcav.concept``) with
-  Holm-corrected p-values against the random pool; ``tcav.png`` and ``tcav.json``.
+  Holm-corrected p-values against the random pool; ``tcav.png`` and ``tcav.json``;
+- ``reliance``: interventional reliance on the bias term's concept (``measure.reliance.*``,
+  :mod:`cdistill.cli.reliance_report`): ``reliance/ablation_kl`` (and ``_random``, the control),
+  ``reliance/acc_drop`` (``_conflicting``, ``_aligned``), ``reliance/concept_agreement``
+  (``_lo``, ``_hi``; ``reliance/chance``) and ``reliance/causal_share_in_bias``.
 
-More measures (e.g. reliance measures) plug in with :func:`register_measure`.
+More measures plug in with :func:`register_measure`.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cdistill.cli.reliance_report import reliance_metrics
 from cdistill.cli.tcav_report import plot_tcav, summary, tcav_table
 from cdistill.cli.train import CONF_DIR, instantiate
 from cdistill.concepts.layer_choice import LayerChoiceError, auto_layer, recorded_layer
@@ -165,6 +170,27 @@ def tcav_measure(ctx: MeasureContext) -> dict[str, float]:
         out[f"tcav/{s.concept}"] = s.score
         out[f"tcav_p/{s.concept}"] = s.p_corrected
     return out
+
+
+@register_measure("reliance")
+def reliance_measure(ctx: MeasureContext) -> dict[str, float]:
+    """Reliance on the bias term's concept (see the module docstring), at the layer the tcav
+    measure would use (``measure.reliance.layer``, else ``measure.tcav.layer``, ...)."""
+    cfg, mr = ctx.cfg, ctx.cfg.measure.reliance
+    if "concepts" not in cfg.model or not cfg.model.concepts.get("spec"):
+        raise CdistillError("The reliance measure needs a concept spec (model.concepts.spec) with a '{y}' bias term; "
+                            "or drop it from measure.measures.")
+    layer = str(mr.get("layer") or cfg.measure.tcav.get("layer") or cfg.pipeline.tcav.get("layer")
+                or cfg.model.get("layer") or "")
+    if not layer:
+        raise CdistillError("The reliance measure needs a layer: measure.reliance.layer=<module path> (or model.layer).")
+    concepts = ConceptsConfig.from_dict(OmegaConf.to_container(cfg.model.concepts, resolve=True))  # type: ignore[arg-type]
+    settings = OmegaConf.to_container(mr, resolve=True)
+    assert isinstance(settings, dict)
+    split = settings.get("split")
+    settings["split"] = eval_splits(ctx.datamodule, [split] if isinstance(split, str) else split)
+    return reliance_metrics(ctx.student, ctx.datamodule, concepts, measured_layer(ctx, layer),
+                            int(ctx.datamodule.num_classes), {str(k): v for k, v in settings.items()})
 
 
 def measured_layer(ctx: MeasureContext, layer: str) -> str:
