@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,8 +70,10 @@ def test_set_reduction_pulls_each_values_mean_not_each_image() -> None:
         OutputConfig(reduce="batch")
 
 
-def test_paired_load_draws_the_same_strokes_for_every_value_and_the_negative() -> None:
+def test_paired_load_draws_the_same_strokes_for_every_value_and_the_negative(tmp_path: Path) -> None:
     own = load_spec("concepts/color_mnist.yaml")
+    (tmp_path / "faces").mkdir()
+    (tmp_path / "spec.yaml").write_text("sets:\n  women: {folder: faces}\n")
     paired = load_spec("concepts/color_mnist.yaml", paired=True)
     def mismatch(sets: dict[str, torch.Tensor], a: str, b: str) -> float:
         """Share of inked pixels inked in one image of the pair only (faint edges round to 0
@@ -81,6 +84,8 @@ def test_paired_load_draws_the_same_strokes_for_every_value_and_the_negative() -
     assert mismatch(paired, "color_2", "color_7") < 0.002 and mismatch(paired, "color_2", "grey") < 0.002
     assert not torch.equal(paired["color_2"], paired["color_7"])  # ... in other colours
     assert mismatch(own, "color_2", "color_7") > 0.5  # without pairing each set has its own strokes
+    with pytest.raises(CdistillError, match="paired"):
+        load_spec(tmp_path / "spec.yaml", paired=True)
     # glyph sets over strokes pair with the plain strokes too
     marker = load_spec("concepts/marker_mnist.yaml", paired=True)
     strokes = marker["strokes"][:150].float()

@@ -310,6 +310,12 @@ def load_spec(path: str | Path, *, channels: int | None = None, size: int | None
         entry = dict(entry)
         split = int(entry.pop("split", 0))
         if "folder" in entry:
+            if paired:  # image i of two folders is not one shape with two cue values
+                raise CdistillError(
+                    f"Concept set {name!r} in {str(spec_path)!r} is a folder, and paired concept images "
+                    "(model.outputs.target=paired) need generated sets drawn as pairs; use another "
+                    "model.outputs.target (uniform, the default) with folder sets."
+                )
             folder = Path(entry["folder"])
             folder = folder if folder.is_absolute() else spec_path.parent / folder
             images = load_image_folder(folder, size=size, channels=channels, name=name)
