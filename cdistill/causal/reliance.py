@@ -35,7 +35,7 @@ from cdistill.causal.ablation import (
     to_rows,
     watch,
 )
-from cdistill.causal.basis import _log_probs, _model_device, _work_dtype
+from cdistill.causal.basis import _derangement, _log_probs, _model_device, _work_dtype
 from cdistill.errors import CdistillError, NonFiniteError
 from cdistill.utils.capture import eval_mode, resolve_module
 
@@ -189,14 +189,6 @@ def _batches(data: Dataset[Any] | Iterable[Any], batch_size: int) -> Iterable[An
             "activation first). Pass a Dataset, a list of batches or a DataLoader."
         )
     return data
-
-
-def _derangement(n: int, gen: torch.Generator) -> Tensor:
-    """``[n]`` source indices without a fixed point (resample mode)."""
-    order = torch.randperm(n, generator=gen)
-    source = torch.empty_like(order)
-    source[order] = order.roll(1)
-    return source
 
 
 class _Mean:
