@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from cdistill.errors import CdistillError, unknown_name
+from cdistill.robust.sampling import check_sampler
 from datamodules.biased_mnist import channel_stats
 from datamodules.loaders import SplitLoaders
 from datamodules.normalization import ChannelNormalization
@@ -180,6 +181,8 @@ class BFFHQDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModule
         pin_memory: DataLoader ``pin_memory``.
         max_train_samples: Cap on the train split (a seeded random subset, for fast tests);
             ``None`` keeps all.
+        sampler: ``data.sampler``: None (a seeded shuffle), ``group_balanced`` or
+            ``class_balanced`` (:mod:`cdistill.robust.sampling`).
     """
 
     name: str = "bffhq"
@@ -199,6 +202,7 @@ class BFFHQDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModule
         num_workers: int = 0,
         pin_memory: bool = False,
         max_train_samples: int | None = None,
+        sampler: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -222,6 +226,9 @@ class BFFHQDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModule
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.val_names: list[str] = ["val", "val_reversed"]
         self.test_names: list[str] = ["test"]
+        self.sampler = check_sampler(sampler)
+        #: ``val_reversed`` is the conflicting part of ``val`` (a held-out set drawn from both uses val alone).
+        self.val_reversed_in_val = True
         self._datasets: dict[str, FaceDataset] = {}
         self._direct = True  # bias = gender (see bias_mapping); set when the files are listed
         self._mean: Tensor | None = None

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from cdistill.errors import CdistillError, unknown_name
+from cdistill.robust.sampling import check_sampler
 from datamodules.dataset import BiasedDigitsDataset
 from datamodules.loaders import SplitLoaders
 from datamodules.mnist_source import load_embedded_digits, load_torchvision_mnist
@@ -104,6 +105,15 @@ class BiasedMNISTDataModule(SplitLoaders, ChannelNormalization, pl.LightningData
             independently of the label (``bias`` still records the class the cue points to).
             ``val``, ``val_reversed`` and the test splits are unchanged, and every other
             random choice (corners, positions) is the same as with ``False``.
+        conflicting_fraction: ``p`` in ``[0, 1]``: each training image's cue is drawn as the
+            oracle draws it (uniformly, independently of the label) with probability ``p``, and
+            is the label's own otherwise, so an expected ``p · (K-1)/K`` of the training split is
+            bias-conflicting (K = 10 cue values: ``p = 0.05`` gives 4.5%, the field's usual
+            95%-correlated setting). 0 (default): today's data, bitwise; ``unbiased=true`` is
+            ``p = 1``. The random cues are those of the oracle (same generator), so raising ``p``
+            only adds conflicting images.
+        sampler: ``data.sampler``: None (a seeded shuffle), ``group_balanced`` or
+            ``class_balanced`` (:mod:`cdistill.robust.sampling`).
     """
 
     name: str = "biased_mnist"
@@ -127,6 +137,8 @@ class BiasedMNISTDataModule(SplitLoaders, ChannelNormalization, pl.LightningData
         test_fraction: float = 0.2,
         max_train_samples: int | None = None,
         unbiased: bool = False,
+        conflicting_fraction: float = 0.0,
+        sampler: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -150,6 +162,8 @@ class BiasedMNISTDataModule(SplitLoaders, ChannelNormalization, pl.LightningData
             )
         self.max_train_samples = None if max_train_samples is None else int(max_train_samples)
         self.unbiased = bool(unbiased)
+        self.conflicting_fraction = check_conflicting_fraction(conflicting_fraction, self.unbiased)
+        self.sampler = check_sampler(sampler)
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if int(value) < 1:
                 raise CdistillError(f"data.{key}={value} must be >= 1.")
@@ -178,9 +192,10 @@ class BiasedMNISTDataModule(SplitLoaders, ChannelNormalization, pl.LightningData
     def cue_classes(self, split: str, labels: Tensor) -> Tensor:
         """Class whose training cue each image of a bias-carrying split (``train``, ``val``) gets.
 
-        The label itself, except for ``train`` under ``unbiased``: then a uniform random class
-        per image, from a generator of its own so that the split's other random choices are
-        the same as in the biased data.
+        The label itself, except for ``train`` under ``unbiased`` or ``conflicting_fraction``:
+        then a uniform random class per image (with probability ``conflicting_fraction``; 1
+        under ``unbiased``), from generators of their own so that the split's other random
+        choices are the same as in the biased data.
 
         Args:
             split: ``train`` or ``val``.
@@ -189,9 +204,14 @@ class BiasedMNISTDataModule(SplitLoaders, ChannelNormalization, pl.LightningData
         Returns:
             ``int64 [N]``.
         """
-        if self.unbiased and split == "train":
+        if self.conflicting_fraction > 0 and split == "train":
             gen = make_generator(self.seed, "unbiased", split)
-            return torch.randint(0, self.num_bias_groups, labels.shape, generator=gen)
+            random_cue = torch.randint(0, self.num_bias_groups, labels.shape, generator=gen)
+            if self.conflicting_fraction >= 1.0:
+                return random_cue
+            # Uniform draws compared with p: raising p keeps every image already drawn at random.
+            drawn = torch.rand(labels.shape, generator=make_generator(self.seed, "conflicting", split))
+            return torch.where(drawn < self.conflicting_fraction, random_cue, labels)
         return labels.clone()
 
     # ----------------------------------------------------------------- building
@@ -292,6 +312,31 @@ class BiasedMNISTDataModule(SplitLoaders, ChannelNormalization, pl.LightningData
         """
         self.setup()
         return self._split_indices
+
+
+def check_conflicting_fraction(value: float, unbiased: bool) -> float:
+    """Validate ``data.conflicting_fraction`` (``p`` in ``[0, 1]``) and fold ``data.unbiased``
+    into it (``unbiased=true`` is ``p = 1``).
+
+    Raises:
+        CdistillError: ``p`` outside ``[0, 1]`` (or not a number), or ``unbiased=true`` with
+            ``0 < p < 1``.
+    """
+    try:
+        p = float(value)
+    except (TypeError, ValueError):
+        p = float("nan")
+    if isinstance(value, bool) or not 0.0 <= p <= 1.0:
+        raise CdistillError(
+            f"data.conflicting_fraction={value!r}: use a number in [0, 1], the probability that a training "
+            "image's cue is drawn at random (e.g. data.conflicting_fraction=0.05; 0: fully correlated)."
+        )
+    if unbiased and 0.0 < p < 1.0:
+        raise CdistillError(
+            f"data.unbiased=true is data.conflicting_fraction=1, but data.conflicting_fraction={value}: "
+            "set one of them (data.unbiased=false to keep the fraction)."
+        )
+    return 1.0 if unbiased else p
 
 
 def channel_stats(images: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]:

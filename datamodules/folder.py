@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from cdistill.errors import CdistillError, unknown_name
+from cdistill.robust.sampling import check_sampler
 from datamodules.biased_mnist import channel_stats
 from datamodules.loaders import SplitLoaders
 from datamodules.normalization import ChannelNormalization
@@ -229,6 +230,8 @@ class FolderDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModul
         num_workers: DataLoader workers.
         pin_memory: DataLoader ``pin_memory``.
         max_train_samples: Cap on the train split (a seeded subset); None keeps all.
+        sampler: ``data.sampler``: None (a seeded shuffle), ``group_balanced`` or
+            ``class_balanced`` (:mod:`cdistill.robust.sampling`).
     """
 
     name: str = "folder"
@@ -254,6 +257,7 @@ class FolderDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModul
         num_workers: int = 0,
         pin_memory: bool = False,
         max_train_samples: int | None = None,
+        sampler: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["augment"])
@@ -275,6 +279,10 @@ class FolderDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModul
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.max_train_samples = None if max_train_samples is None else int(max_train_samples)
         self.val_names: list[str] = ["val", "val_reversed"]
+        self.sampler = check_sampler(sampler)
+        #: True when ``val_reversed`` is the conflicting part of ``val`` (no rows of its own in the
+        #: metadata): a held-out set drawn from both then uses ``val`` alone.
+        self.val_reversed_in_val = False
         self.test_names: list[str] = ["test"]
         self._datasets: dict[str, FolderDataset] = {}
         self._mean: Tensor | None = None
@@ -376,6 +384,7 @@ class FolderDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModul
             conflicting = [r for r in splits["val"] if r.bias >= 0 and r.bias != r.label]
             if conflicting:
                 splits["val_reversed"] = conflicting
+                self.val_reversed_in_val = True
         return splits
 
     def _cap_train(self, train: list[FolderRow]) -> list[FolderRow]:

@@ -1,4 +1,5 @@
-"""A shuffling sampler whose order is a pure function of ``(seed, epoch)``, also under DDP."""
+"""Training samplers whose order is a pure function of ``(seed, epoch)``, also under DDP: the plain
+shuffle, and the weighted or repeated draws of a :class:`~cdistill.robust.sampling.SamplePlan`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DistributedSampler
 
+from cdistill.robust.sampling import SamplePlan
 from datamodules.splits import derive_seed
 
 
@@ -64,3 +66,25 @@ class EpochSeededSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class PlannedEpochSampler(EpochSeededSampler):
+    """Draw a :class:`~cdistill.robust.sampling.SamplePlan` (weighted draws with replacement, or a
+    shuffle of a multiset of repeated indices) instead of a permutation; the draw is a pure
+    function of ``(seed, epoch)`` and shared by the ranks as in :class:`EpochSeededSampler`.
+
+    Args:
+        plan: What one epoch draws (``plan.num_draws`` indices, all ranks together).
+        seed: Base seed.
+        num_replicas: Number of DDP processes.
+        rank: This process's rank.
+    """
+
+    def __init__(self, plan: SamplePlan, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(plan.num_draws, seed=seed, num_replicas=num_replicas, rank=rank)
+        self.plan = plan
+
+    def permutation(self) -> torch.Tensor:
+        """The current epoch's global draw: ``int64 [plan.num_draws]`` dataset indices."""
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "planned", str(self.epoch)))
+        return self.plan.draw(gen)

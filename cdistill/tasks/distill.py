@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,7 @@ from cdistill.objective.losses import (
 )
 from cdistill.objective.prototypes import Prototypes
 from cdistill.objective.rrclarc import SIGNAL_SOLVER, output_gradient, rr_classes, rrclarc_loss
+from cdistill.robust.supervision import Supervision
 from cdistill.tasks.classifier import Batch, to_plain
 from cdistill.tasks.concept_artefacts import BLANK
 from cdistill.tasks.probing import AdversarialProbeMixin, probe_values
@@ -96,6 +97,9 @@ class ConceptDistillModule(AdversarialProbeMixin):
         fit_batch_size: Batch size for computing activations when fitting artefacts.
         **kwargs: :class:`~cdistill.tasks.classifier.ClassifierModule` arguments.
     """
+
+    #: What the method needs besides training labels (cdistill.robust.supervision).
+    supervision: ClassVar[Supervision] = "concept images"
 
     def __init__(
         self,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
+from cdistill.robust.groups import group_of
+
 
 class BiasGroupAccuracy(Metric):
     """Accuracy split by the bias attribute.
@@ -57,7 +59,7 @@ class BiasGroupAccuracy(Metric):
         size = 2 * self.num_groups
         self.total += torch.bincount(flat, minlength=size).view(2, -1)
         self.correct += torch.bincount(flat, weights=hit, minlength=size).long().view(2, -1)
-        group = labels[keep] * self.num_groups + bias[keep]
+        group = group_of(labels[keep], bias[keep], self.num_groups)
         n_groups = self.num_classes * self.num_groups
         self.group_total += torch.bincount(group, minlength=n_groups).view(self.num_classes, -1)
         self.group_correct += torch.bincount(group, weights=hit, minlength=n_groups).long().view(self.num_classes, -1)

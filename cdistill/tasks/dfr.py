@@ -1,0 +1,113 @@
+"""DFR, Deep Feature Reweighting (Kirichenko et al. 2022), as a classification task.
+
+Training is plain ERM (the base model, validated and selected by the protocols as any
+baseline). Before each test, the weights under test (each protocol's selected checkpoint) keep
+every parameter but the student's final linear layer, which is retrained by an L2 logistic
+regression on frozen features of a group-balanced held-out set drawn from the validation splits
+``val`` ∪ ``val_reversed`` (:func:`cdistill.robust.last_layer.fit_dfr_head`), its strength chosen
+on part of that set. ``model.dfr.heldout_size`` caps the held-out set, e.g. to the number of
+concept images a concept method is given.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch.utils.data import DataLoader
+
+from cdistill.objective.config import DFRConfig
+from cdistill.robust.groups import group_of
+from cdistill.robust.last_layer import DFRHead, final_linear, fit_dfr_head
+from cdistill.robust.supervision import Supervision
+from cdistill.tasks.classifier import to_plain
+from cdistill.tasks.group_robust import GroupRobustModule
+from cdistill.utils.capture import eval_mode
+
+log = logging.getLogger(__name__)
+
+
+class DFRModule(GroupRobustModule):
+    """DFR (see the module docstring; :class:`~cdistill.objective.config.DFRConfig`).
+
+    Logs, with each test, ``test/dfr_l2`` (the chosen strength), ``test/dfr_heldout_size`` and
+    ``test/dfr_tune_worst_acc`` (worst-group accuracy of that strength on the scoring part).
+
+    Args:
+        dfr: ``DFRConfig`` as a dict.
+        **kwargs: :class:`~cdistill.tasks.group_robust.GroupRobustModule` arguments.
+    """
+
+    supervision: ClassVar[Supervision] = "val group labels"
+    method: ClassVar[str] = "dfr"
+
+    def __init__(self, dfr: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.dfr_cfg = DFRConfig.from_dict(to_plain(dfr))
+        self.save_hyperparameters({"dfr": self.dfr_cfg.to_dict()})
+        final_linear(self.student, int(self.hparams["num_classes"]))  # fails now without a head
+        self.last_head: DFRHead | None = None
+        self._cache: tuple[torch.Tensor, torch.Tensor, DFRHead] | None = None
+
+    @torch.no_grad()
+    def heldout_features(self, datasets: list[Any], batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(features [N, d], labels [N], bias [N])`` of the held-out images: the inputs of the
+        final linear layer, in eval mode."""
+        head = final_linear(self.student, int(self.hparams["num_classes"]))
+        feats: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+        bias: list[torch.Tensor] = []
+        handle = head.register_forward_hook(lambda _m, inp, _out: feats.append(inp[0].detach().flatten(1).cpu()))
+        try:
+            with eval_mode(self.student):
+                for dataset in datasets:
+                    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+                        self.student(batch["image"].to(self.device))
+                        labels.append(batch["label"].cpu())
+                        bias.append(batch["bias"].cpu())
+        finally:
+            handle.remove()
+        return torch.cat(feats), torch.cat(labels), torch.cat(bias)
+
+    def retrain_last_layer(self, datasets: list[Any], batch_size: int) -> DFRHead:
+        """Replace the final linear layer's weight and bias by DFR's (nothing else changes).
+
+        Args:
+            datasets: The held-out splits (their union is the held-out set).
+            batch_size: Batch size of the feature pass.
+        """
+        features, labels, bias = self.heldout_features(datasets, batch_size)
+        groups = group_of(labels, bias, int(self.hparams["num_bias_groups"]))
+        cached = self._cache
+        if cached is not None and torch.equal(cached[0], features) and torch.equal(cached[1], groups):
+            head = cached[2]  # the same features (e.g. two protocols testing one epoch): the same fit
+        else:
+            # Its own generator, seeded from the run's seed: every protocol's retrain (and every
+            # rank's) draws the same subsets.
+            gen = torch.Generator().manual_seed(torch.initial_seed() % (2**62) + 1)
+            head = fit_dfr_head(features, labels, groups, int(self.hparams["num_classes"]), self.dfr_cfg, gen)
+            self._cache = (features, groups, head)
+        layer = final_linear(self.student, int(self.hparams["num_classes"]))
+        with torch.no_grad():
+            layer.weight.copy_(head.weight.to(layer.weight))
+            if layer.bias is not None:
+                layer.bias.copy_(head.bias.to(layer.bias))
+        self.last_head = head
+        return head
+
+    def on_test_start(self) -> None:
+        dm = self.trainer.datamodule  # type: ignore[attr-defined]
+        names = ["val"] if getattr(dm, "val_reversed_in_val", False) else [n for n in ("val", "val_reversed")
+                                                                           if n in dm.val_names]
+        head = self.retrain_last_layer([dm.split(n) for n in names], int(getattr(dm, "eval_batch_size", 256)))
+        log.info("DFR: last layer retrained on %d held-out images of %s (L2 %g, worst-group accuracy %.3f on the "
+                 "scoring part)", head.heldout_size, " ∪ ".join(names), head.l2, head.tune_worst_acc)
+
+    def _eval_epoch_end(self, names: Any) -> None:
+        super()._eval_epoch_end(names)
+        if self.trainer.testing and self.last_head is not None:
+            h = self.last_head
+            self.log_dict({"test/dfr_l2": float(h.l2), "test/dfr_heldout_size": float(h.heldout_size),
+                           "test/dfr_tune_worst_acc": float(h.tune_worst_acc)}, sync_dist=False)
