@@ -2,7 +2,8 @@
 the model's output depends on most, found by maximising the KL divergence of their ablation.
 
 :func:`extract_causal_bases` returns one :class:`CausalBasis` per layer;
-:mod:`cdistill.causal.ablation` holds the ablation hook it patches the layer with; :mod:`cdistill.causal.reliance` the interventional
+:mod:`cdistill.causal.ablation` holds the ablation hook it patches the layer with; :mod:`cdistill.causal.tail`
+the replay of only the part of the model after the layer; :mod:`cdistill.causal.reliance` the interventional
 reliance measures (concept ablation, concept-only agreement, causal alignment).
 """
 

@@ -150,7 +150,10 @@ def select_output(layer: str, output: Any, index: int | None) -> Tensor:
     return output
 
 
-def _replace_output(layer: str, output: Any, index: int | None, ablation: Ablation) -> Any:
+def replace_output(layer: str, output: Any, index: int | None, ablation: Ablation) -> Any:
+    """A module's ``output`` with :meth:`Ablation.apply` applied to the tensor ``layer`` names
+    (element ``index`` of a tuple or list; the other elements are passed through). The hook
+    of :func:`ablate` and the tail replay of :mod:`cdistill.causal.tail` both edit through it."""
     if index is None:
         return ablation.apply(select_output(layer, output, None))
     _check_index(layer, output, index)
@@ -203,7 +206,7 @@ def ablate(model: nn.Module, layer: str, ablation: Ablation) -> Iterator[Ablatio
     index = parse_layer(layer)[1]
 
     def hook(mod: nn.Module, inputs: Any, output: Any) -> Any:
-        return _replace_output(layer, output, index, ablation)
+        return replace_output(layer, output, index, ablation)
 
     handle = module.register_forward_hook(hook)
     try:

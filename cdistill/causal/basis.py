@@ -13,6 +13,13 @@ Inputs stream: ``p`` is computed once per batch in a first pass (which also accu
 mean activation for ``mean`` mode), and every function evaluation loops over the batches,
 back-propagating each batch's share of the loss into ``u`` before the next one runs.
 
+The part of the model before the layer does not depend on ``u``: where the model can be traced
+(:mod:`cdistill.causal.tail`), the first pass also caches each batch's layer output and the
+values computed before the layer that the rest still reads, and every evaluation runs only the
+rest (the *tail*) on the ablated cached output. Before it is used, the unpatched tail must
+reproduce the model's outputs on every batch. Otherwise (or with ``tail=False``) every
+evaluation runs the whole model with the ablation hook, and one INFO line says why.
+
 Under DDP (``torch.distributed`` initialised) every rank streams its own inputs; the mean
 activation, the loss and the gradient of ``u`` are summed across ranks (each rank's share is
 already divided by the total number of inputs, so the sum is the mean over all inputs), and
@@ -27,8 +34,9 @@ Example::
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +55,11 @@ from cdistill.causal.ablation import (
     watch,
 )
 from cdistill.causal.inputs import InputBatches
+from cdistill.causal.tail import TailReplay, TailUnavailable, build_tail
 from cdistill.errors import CdistillError, NonFiniteError
 from cdistill.utils.capture import eval_mode, resolve_module
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -191,8 +202,10 @@ def _reference_pass(
     space: str | None,
     mode: str,
     seed: int,
+    replays: dict[str, TailReplay],
 ) -> _Reference:
-    """Stream once: unmodified log-probabilities per batch, per-layer row moments and shapes."""
+    """Stream once: unmodified log-probabilities per batch, per-layer row moments and shapes,
+    and what each layer's tail replay reads."""
     gen = torch.Generator().manual_seed(seed)
     log_p: list[Tensor] = []
     sources: list[Tensor] = []
@@ -201,12 +214,18 @@ def _reference_pass(
     with ExitStack() as stack:
         for layer in layers:
             stack.enter_context(watch(model, layer, moments[layer]))
+        for replay in replays.values():
+            stack.enter_context(replay.recording())
         for x in batches:
             if x.shape[0] == 0:  # placeholders keep the batch indices aligned
                 log_p.append(torch.zeros(0, device=x.device))
                 sources.append(torch.zeros(0, dtype=torch.long, device=x.device))
+                for replay in replays.values():
+                    replay.record(None)
                 continue
             lp = _log_probs(model(x))
+            for replay in replays.values():
+                replay.record(x)
             if not bool(torch.isfinite(lp).all()):
                 raise NonFiniteError(
                     "Non-finite model outputs (NaN/Inf) on the unmodified inputs: the causal "
@@ -277,12 +296,14 @@ class _Energy:
         batches: InputBatches,
         ref: _Reference,
         ablation: Ablation,
+        replay: TailReplay | None,
     ) -> None:
         self.model = model
         self.layer = layer
         self.batches = batches
         self.ref = ref
         self.ablation = ablation
+        self.replay = replay
         self.scale: float | None = None  # set by the first evaluation of each vector
         self.floor = 0.0
 
@@ -296,10 +317,23 @@ class _Energy:
         w = u - basis @ (basis.T @ u) if basis.shape[1] else u
         return w / w.norm()
 
-    def _batch_kl(self, b: int, x: Tensor, v: Tensor) -> Tensor:
+    def _nonempty(self) -> Iterator[tuple[int, Tensor | None]]:
+        """``(b, x)`` per non-empty batch; ``x`` is ``None`` with a tail replay (not needed)."""
+        if self.replay is not None:
+            replay = self.replay
+            yield from ((b, None) for b in range(replay.batches) if replay.recorded(b))
+        else:
+            yield from ((b, x) for b, x in enumerate(self.batches) if x.shape[0])
+
+    def _batch_kl(self, b: int, x: Tensor | None, v: Tensor) -> Tensor:
         self.ablation.direction = v
         self.ablation.source = self.ref.sources[b]
-        log_q = _log_probs(self.model(x))
+        if self.replay is not None:
+            output = self.replay(b, self.ablation)  # the part after the layer, on its cached output
+        else:
+            assert x is not None
+            output = self.model(x)  # the whole model; the hook of ablate() edits the layer
+        log_q = _log_probs(output)
         kl = F.kl_div(log_q, self.ref.log_p[b], reduction="sum", log_target=True)
         return kl / self.ref.total
 
@@ -313,9 +347,7 @@ class _Energy:
         u.grad = torch.zeros_like(u)
         total = torch.zeros((), dtype=u.dtype, device=u.device)
         with torch.enable_grad():
-            for b, x in enumerate(self.batches):
-                if x.shape[0] == 0:
-                    continue
+            for b, x in self._nonempty():
                 loss = -self._batch_kl(b, x, self.direction(u, basis))
                 if not loss.requires_grad:
                     raise CdistillError(
@@ -343,9 +375,8 @@ class _Energy:
     def energy(self, v: Tensor) -> Tensor:
         """Mean KL over all inputs (and ranks) of ablating the unit direction ``v [d]``."""
         total = torch.zeros((), dtype=v.dtype, device=v.device)
-        for b, x in enumerate(self.batches):
-            if x.shape[0]:
-                total += self._batch_kl(b, x, v)
+        for b, x in self._nonempty():
+            total += self._batch_kl(b, x, v)
         return _all_reduce_sum(total)
 
 
@@ -359,6 +390,7 @@ def _extract_layer(
     max_iter: int,
     min_energy: float,
     progress: bool,
+    replay: TailReplay | None,
 ) -> CausalBasis:
     stats = ref.layers[layer]
     if k > stats.dim:
@@ -368,12 +400,13 @@ def _extract_layer(
         )
     device = stats.mean.device
     ablation = Ablation(mode, stats.space, mean=stats.mean)
-    objective = _Energy(model, layer, batches, ref, ablation)
+    objective = _Energy(model, layer, batches, ref, ablation, replay)
     eps = torch.finfo(stats.dtype).eps
     basis = torch.zeros(stats.dim, 0, dtype=stats.dtype, device=device)
     energies: list[Tensor] = []
     bar = _progress(k, f"causal basis {layer}", progress)
-    with ablate(model, layer, ablation), closing(bar):
+    hook = ablate(model, layer, ablation) if replay is None else nullcontext()
+    with hook, closing(bar):
         for j in range(k):
             # Start from a standard basis vector off the span found so far (squared residual
             # 1 - ||row i of the basis||^2) along which the ablation moves h the most (a dead
@@ -417,6 +450,72 @@ def _extract_layer(
     return CausalBasis(basis.detach(), values.detach(), layer, mode, stats.space)
 
 
+def _tail_replays(model: nn.Module, specs: Sequence[str], tail: bool | None) -> dict[str, TailReplay]:
+    """A tail replay per layer that has one (``tail=None``: the others are logged)."""
+    replays: dict[str, TailReplay] = {}
+    if tail is False:
+        return replays
+    for spec in specs:
+        try:
+            replays[spec] = build_tail(model, spec)
+        except TailUnavailable as err:
+            if tail:
+                raise
+            log.info("Causal basis at %r runs the whole model per evaluation: %s.", spec, err.reason)
+    return replays
+
+
+#: How far the unpatched tail's log-probabilities may be from the model's (both are computed
+#: by the same ops, so a slice of the graph that misses something is off by far more).
+_TAIL_TOLERANCE = 1e-4
+
+
+@torch.no_grad()
+def _tail_mismatch(replay: TailReplay, ref: _Reference) -> str | None:
+    """Why the unpatched tail does not reproduce the model's outputs, or ``None`` if it does."""
+    for b, lp in enumerate(ref.log_p):
+        if not lp.numel():
+            continue
+        if not replay.recorded(b):
+            return f"the layer did not run on batch {b}"
+        lq = _log_probs(replay.unpatched(b))
+        if lq.shape != lp.shape:
+            return f"the tail's outputs have shape {tuple(lq.shape)}, the model's {tuple(lp.shape)}"
+        if not torch.allclose(lq, lp, rtol=_TAIL_TOLERANCE, atol=_TAIL_TOLERANCE):
+            gap = float((lq - lp).abs().nan_to_num(float("inf")).max())
+            return f"the tail's outputs differ from the model's on batch {b} (max |log p gap| {gap:.3g})"
+    return None
+
+
+def _verified(
+    replays: dict[str, TailReplay], specs: Sequence[str], ref: _Reference, tail: bool | None
+) -> dict[str, TailReplay]:
+    """The replays whose unpatched tail reproduces the model on every batch of every rank.
+
+    Under DDP every rank takes part in one all-reduce per layer, with or without a replay, so
+    that all ranks keep the same replays.
+    """
+    if tail is False:
+        return {}
+    kept: dict[str, TailReplay] = {}
+    device = next(lp.device for lp in ref.log_p if lp.numel())
+    for spec in specs:
+        replay = replays.get(spec)
+        reason = "no tail on this rank" if replay is None else _tail_mismatch(replay, ref)
+        failed = _all_reduce_sum(torch.tensor([float(reason is not None)], device=device))
+        if replay is None:
+            continue  # already logged (or raised) when the tail could not be built
+        if float(failed) == 0:
+            kept[spec] = replay
+            continue
+        replay.release()
+        reason = reason or "the tail differs from the model on another rank"
+        if tail:
+            raise TailUnavailable(spec, reason)
+        log.info("Causal basis at %r runs the whole model per evaluation: %s.", spec, reason)
+    return kept
+
+
 def extract_causal_bases(
     model: nn.Module,
     layers: str | Sequence[str],
@@ -429,6 +528,7 @@ def extract_causal_bases(
     min_energy: float = 0.0,
     seed: int = 0,
     progress: bool = False,
+    tail: bool | None = None,
 ) -> dict[str, CausalBasis]:
     """Extract an ordered orthonormal basis of the directions each layer's output matters by.
 
@@ -453,13 +553,20 @@ def extract_causal_bases(
         min_energy: Stop at the first direction whose energy falls under this (it is dropped).
         seed: Seed of the resampling derangements.
         progress: Show a tqdm bar per layer (when tqdm is installed).
+        tail: Evaluate only the part of the model after the layer on cached layer outputs
+            (:mod:`cdistill.causal.tail`; same results, much faster for a late layer; the
+            inputs are then read once, and every layer's cached outputs stay on the device
+            until its extraction ends). ``None``: where the model can be traced and the tail
+            reproduces its outputs, otherwise the full forward with one INFO log line saying
+            why; ``True``: required; ``False``: always the full forward.
 
     Returns:
         Layer spec -> :class:`CausalBasis`.
 
     Raises:
         CdistillError: An unknown layer (close names listed), mode or space; ``k`` out of
-            range; empty inputs or a one-shot iterator; ``resample`` with a batch of one.
+            range; empty inputs or a one-shot iterator; ``resample`` with a batch of one;
+            ``tail=True`` where the tail replay is impossible (the reason is named).
         NonFiniteError: NaN/Inf in the model's outputs or in the energy.
     """
     specs = [layers] if isinstance(layers, str) else list(layers)
@@ -475,13 +582,24 @@ def extract_causal_bases(
         resolve_module(model, spec)  # every name checked before any work
     batches = InputBatches(inputs, _model_device(model))
     with eval_mode(model), _frozen(model):
-        ref = _reference_pass(model, specs, batches, space, mode, seed)
-        if mode == "resample" and any(s.shape[0] == 1 for s in ref.sources):
-            raise CdistillError(
-                "mode='resample' takes h·v from another input of the same batch, but a batch "
-                "holds a single input. Use batches of at least 2 inputs."
-            )
-        return {
-            spec: _extract_layer(model, spec, batches, ref, k, mode, max_iter, min_energy, progress)
-            for spec in specs
-        }
+        replays = _tail_replays(model, specs, tail)  # traced in eval mode, as it will run
+        try:
+            ref = _reference_pass(model, specs, batches, space, mode, seed, replays)
+            if mode == "resample" and any(s.shape[0] == 1 for s in ref.sources):
+                raise CdistillError(
+                    "mode='resample' takes h·v from another input of the same batch, but a batch "
+                    "holds a single input. Use batches of at least 2 inputs."
+                )
+            replays = _verified(replays, specs, ref, tail)
+            bases: dict[str, CausalBasis] = {}
+            for spec in specs:
+                replay = replays.get(spec)
+                bases[spec] = _extract_layer(
+                    model, spec, batches, ref, k, mode, max_iter, min_energy, progress, replay
+                )
+                if replay is not None:
+                    replay.release()  # this layer's cache is no longer needed
+            return bases
+        finally:
+            for replay in replays.values():
+                replay.release()

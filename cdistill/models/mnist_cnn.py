@@ -27,6 +27,21 @@ def flat_features(image_size: int) -> int:
     return 50 * side * side
 
 
+def check_image_size(x: torch.Tensor, image_size: int) -> None:
+    """Raise a :class:`CdistillError` unless ``x [B, C, H, W]`` is ``image_size`` square."""
+    if tuple(x.shape[-2:]) != (image_size, image_size):
+        raise CdistillError(
+            f"The MNIST CNN was built for {image_size}x{image_size} inputs but got "
+            f"{x.shape[-2]}x{x.shape[-1]}: set model.student.image_size={x.shape[-1]} (square "
+            "images) or resize the data to match."
+        )
+
+
+# A torch.fx trace records the check as one call instead of branching on symbolic sizes, so
+# the network stays traceable (the causal basis replays only the part after a layer).
+torch.fx.wrap("check_image_size")
+
+
 class MnistCNN(nn.Module):
     """The small CNN of the Concept Distillation MNIST experiments.
 
@@ -62,12 +77,7 @@ class MnistCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map images ``[B, in_chans, S, S]`` (``S = image_size``) to logits ``[B, num_classes]``."""
-        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
-            raise CdistillError(
-                f"The MNIST CNN was built for {self.image_size}x{self.image_size} inputs but got "
-                f"{x.shape[-2]}x{x.shape[-1]}: set model.student.image_size={x.shape[-1]} (square "
-                "images) or resize the data to match."
-            )
+        check_image_size(x, self.image_size)
         x = self.pool1(self.relu1(self.conv1(self.input(x))))
         x = self.pool2(self.relu2(self.conv2(x)))
         return self.fc2(self.relu3(self.fc1(self.flatten(x))))
