@@ -4,6 +4,7 @@ error the pipeline would raise after base training shows before any training."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,10 +74,17 @@ def test_gate_failure_shows_in_the_dry_run_with_a_base_model(make_cfg: MakeCfg, 
         run_pipeline(cfg)
 
 
-def test_base_ckpt_is_tested_not_trained(make_cfg: MakeCfg, tmp_path: Path) -> None:
+def test_base_ckpt_is_tested_not_trained(make_cfg: MakeCfg, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _student_file(tmp_path)
-    cfg = make_cfg(*CD, f"pipeline.base_ckpt={tmp_path / 'base'}", "pipeline.tcav.enabled=false")
+    cfg = make_cfg(*CD, f"pipeline.base_ckpt={tmp_path / 'base'}", "pipeline.tcav.enabled=false",
+                   "pipeline.reliance.enabled=false")
+    caplog.set_level(logging.INFO, logger="cdistill.cli.pipeline")
     (record,) = run_pipeline(cfg)
+    # the reliance switch off: one INFO line, no measures, no plots
+    assert [r.message for r in caplog.records if "reliance" in r.message] == [
+        "reliance measures skipped: pipeline.reliance.enabled=false"]
+    assert "reliance" not in record and not any(k.startswith("reliance/") for k in record["cd"])
+    assert not list(Path(cfg.paths.output_dir).glob("reliance_*.png"))
     out = Path(cfg.paths.output_dir) / "seed0"
     assert not (out / "base" / "student.pt").exists()  # no base training
     saved = json.loads((out / "base" / "metrics.json").read_text())

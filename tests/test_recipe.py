@@ -97,7 +97,7 @@ def test_auto_layer_is_the_stem() -> None:
 
 
 def test_pipeline_warns_when_the_concept_loss_is_satisfied_but_nothing_moved() -> None:
-    from cdistill.cli.pipeline import stalled_warnings
+    from cdistill.cli.report_warnings import stalled_warnings
 
     base = {"val_reversed/acc_conflicting": 0.10}
     dodged = {"seed": 0, "base": base, "cd": {"train/concept": 0.003, "val_reversed/acc_conflicting": 0.105}}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -171,6 +172,13 @@ def test_reliance_measure_through_cdistill_measure(make_cfg: MakeCfg, tmp_path: 
     assert metrics["reliance/concept_agreement_lo"] <= metrics["reliance/concept_agreement"] <= metrics["reliance/concept_agreement_hi"]
     assert 0.0 <= metrics["reliance/causal_share_in_bias"] <= 1.0
     assert "reliance/ablation_kl" in (Path(cfg.paths.output_dir) / "measure.md").read_text()
+    out = Path(cfg.paths.output_dir)
+    detail = json.loads((out / "reliance.json").read_text())  # what the plots drew
+    assert [a["successes"] for a in detail["agreement"]] and len(detail["agreement"]) == 10
+    pooled = sum(a["successes"] for a in detail["agreement"]) / sum(a["n"] for a in detail["agreement"])
+    assert pooled == pytest.approx(metrics["reliance/concept_agreement"])
+    assert len(detail["energies"]) == len(detail["shares"]) == 12  # k = rank + 2
+    assert (out / "reliance_spectrum.png").is_file() and (out / "reliance_agreement.png").is_file()
 
 
 def test_bias_term_is_the_class_indexed_term() -> None:

@@ -257,6 +257,18 @@ def test_pipeline_writes_report(make_cfg: MakeCfg, tmp_path: Path) -> None:
     assert float(summary["cd/paper/test/acc"]) == pytest.approx(records[0]["cd"]["paper/test/acc"])
     assert float(summary["base/tcav"]) == pytest.approx(records[0]["base"]["tcav"])
     assert 0.0 <= records[0]["base"]["tcav"] <= 1.0 and 0.0 <= records[0]["cd"]["tcav"] <= 1.0
+    # reliance before -> after, beside TCAV (debug's small measure.reliance settings)
+    assert "| concept-only agreement (concept images -> their class) | fraction |" in md
+    assert "| bias-subspace ablation KL | nats |" in md
+    saved = json.loads((out / "pipeline.json").read_text())
+    for stage in ("base", "cd"):
+        assert 0.0 <= saved[0][stage]["reliance/concept_agreement"] <= 1.0
+        assert saved[0][stage]["reliance/ablation_kl"] >= 0.0 and "reliance/causal_share_in_bias" in saved[0][stage]
+        detail = saved[0]["reliance"][stage]
+        assert len(detail["agreement"]) == 10 and len(detail["energies"]) == len(detail["shares"]) == 2
+    assert float(summary["cd/reliance/ablation_kl"]) == pytest.approx(records[0]["cd"]["reliance/ablation_kl"])
+    for png in ("reliance_spectrum.png", "reliance_agreement.png"):
+        assert (out / png).stat().st_size > 1000
     base = torch.load(out / "seed0" / "base" / "student.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in base.values())
     assert "fc2.weight" in base

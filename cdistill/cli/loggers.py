@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,3 +37,11 @@ def wandb_logger(offline: bool | None = None, **kwargs: Any) -> WandbLogger:
         os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     return WandbLogger(offline=offline, **kwargs)
+
+
+def log_pngs(loggers: Iterable[Any], images: Mapping[str, Path], step: int) -> None:
+    """Send each PNG (key -> file) to every active wandb logger (other loggers take no images)."""
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":  # by name: a subclass or a stand-in in tests also counts
+            for key, png in images.items():
+                lg.log_image(key=key, images=[str(png)], step=step)

@@ -19,7 +19,9 @@ Each measure in ``measure.measures`` adds flat metrics; the run directory gets `
 - ``reliance``: interventional reliance on the bias term's concept (``measure.reliance.*``,
   :mod:`cdistill.cli.reliance_report`): ``reliance/ablation_kl`` (and ``_random``, the control),
   ``reliance/acc_drop`` (``_conflicting``, ``_aligned``), ``reliance/concept_agreement``
-  (``_lo``, ``_hi``; ``reliance/chance``) and ``reliance/causal_share_in_bias``.
+  (``_lo``, ``_hi``; ``reliance/chance``) and ``reliance/causal_share_in_bias``;
+  ``reliance_spectrum.png``, ``reliance_agreement.png`` (:mod:`cdistill.cli.reliance_plots`) and
+  ``reliance.json`` (per concept value and per causal direction).
 
 More measures plug in with :func:`register_measure`.
 """
@@ -40,7 +42,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cdistill.cli.reliance_report import reliance_metrics
+from cdistill.cli.reliance_plots import plot_agreement, plot_spectrum
+from cdistill.cli.reliance_report import Reliance, reliance_report
 from cdistill.cli.tcav_report import plot_tcav, summary, tcav_table
 from cdistill.cli.train import CONF_DIR, instantiate
 from cdistill.concepts.layer_choice import LayerChoiceError, auto_layer, recorded_layer
@@ -175,22 +178,41 @@ def tcav_measure(ctx: MeasureContext) -> dict[str, float]:
 @register_measure("reliance")
 def reliance_measure(ctx: MeasureContext) -> dict[str, float]:
     """Reliance on the bias term's concept (see the module docstring), at the layer the tcav
-    measure would use (``measure.reliance.layer``, else ``measure.tcav.layer``, ...)."""
-    cfg, mr = ctx.cfg, ctx.cfg.measure.reliance
+    measure would use (:func:`reliance_layer`); writes ``reliance_spectrum.png`` (when the
+    causal share is measured), ``reliance_agreement.png`` and ``reliance.json`` (the detail)."""
+    cfg = ctx.cfg
     if "concepts" not in cfg.model or not cfg.model.concepts.get("spec"):
         raise CdistillError("The reliance measure needs a concept spec (model.concepts.spec) with a '{y}' bias term; "
                             "or drop it from measure.measures.")
-    layer = str(mr.get("layer") or cfg.measure.tcav.get("layer") or cfg.pipeline.tcav.get("layer")
-                or cfg.model.get("layer") or "")
+    layer = reliance_layer(cfg)
     if not layer:
         raise CdistillError("The reliance measure needs a layer: measure.reliance.layer=<module path> (or model.layer).")
+    res = config_reliance(ctx.student, ctx.datamodule, cfg, measured_layer(ctx, layer))
+    panel = [("", {"measured": res.detail})]
+    plot_spectrum(panel, ctx.out / "reliance_spectrum.png")
+    plot_agreement(panel, ctx.out / "reliance_agreement.png")
+    (ctx.out / "reliance.json").write_text(json.dumps(asdict(res.detail), indent=2))
+    return res.metrics
+
+
+def reliance_layer(cfg: DictConfig) -> str:
+    """The layer spec the reliance measure reads: ``measure.reliance.layer``, else
+    ``measure.tcav.layer``, ``pipeline.tcav.layer``, ``model.layer`` (``""``: none; may be ``auto``)."""
+    return str(cfg.measure.reliance.get("layer") or cfg.measure.tcav.get("layer") or cfg.pipeline.tcav.get("layer")
+               or cfg.model.get("layer") or "")
+
+
+def config_reliance(student: nn.Module, datamodule: Any, cfg: DictConfig, layer: str) -> Reliance:
+    """:func:`~cdistill.cli.reliance_report.reliance_report` of ``student`` at ``layer`` (resolved)
+    with the config's ``model.concepts`` and ``measure.reliance`` settings (``split`` null: the
+    datamodule's val and test splits). Used by this measure and by the pipeline."""
     concepts = ConceptsConfig.from_dict(OmegaConf.to_container(cfg.model.concepts, resolve=True))  # type: ignore[arg-type]
-    settings = OmegaConf.to_container(mr, resolve=True)
+    settings = OmegaConf.to_container(cfg.measure.reliance, resolve=True)
     assert isinstance(settings, dict)
     split = settings.get("split")
-    settings["split"] = eval_splits(ctx.datamodule, [split] if isinstance(split, str) else split)
-    return reliance_metrics(ctx.student, ctx.datamodule, concepts, measured_layer(ctx, layer),
-                            int(ctx.datamodule.num_classes), {str(k): v for k, v in settings.items()})
+    settings["split"] = eval_splits(datamodule, [split] if isinstance(split, str) else split)
+    return reliance_report(student, datamodule, concepts, layer, int(datamodule.num_classes),
+                           {str(k): v for k, v in settings.items()})
 
 
 def measured_layer(ctx: MeasureContext, layer: str) -> str:

@@ -8,7 +8,11 @@
    fitted on the base model when training starts; ``model.layer=auto`` is chosen first, from the
    base model's CAV scan, and written to ``seed<k>/layer_choice.json``);
 3. test both under every model-selection protocol, and measure the bias concept's TCAV score
-   (with its p-value against random CAVs) on the base and on the distilled model.
+   (with its p-value against random CAVs) on the base and on the distilled model;
+4. measure how much each relies on the bias concept, by intervention (``pipeline.reliance``;
+   the ``reliance`` measure of ``cdistill-measure`` with its ``measure.reliance.*`` settings,
+   :mod:`cdistill.cli.reliance_report`): bias-subspace ablation KL and accuracy drops,
+   concept-only agreement, causal energy share in the bias subspace.
 
 Before any training it runs the checks of :mod:`cdistill.cli.preflight` (data, layer, concept
 spec, terms, channels; the CAV gate when a base model is given) and stops after them with
@@ -16,8 +20,11 @@ spec, terms, channels; the CAV gate when a base model is given) and stops after 
 replaced by each seed) reuses a trained base model: step 1 becomes a test of it, no training.
 
 Then it prints the summary (mean ± std over seeds), writes ``pipeline.md``, ``pipeline.csv``
-and ``pipeline.json`` in the run directory, and logs the summary (``<stage>/<key>``, e.g.
-``cd/paper/test/acc``, and ``<stage>/<key>_std``) to the configured loggers.
+and ``pipeline.json`` in the run directory (with ``reliance_spectrum.png`` and
+``reliance_agreement.png``, :mod:`cdistill.cli.reliance_plots`), and logs the summary
+(``<stage>/<key>``, e.g. ``cd/paper/test/acc``, and ``<stage>/<key>_std``; the plots to wandb)
+to the configured loggers. The report warns in plain words when the concept loss is satisfied
+but bias-conflicting accuracy or the reliance measures did not move (:mod:`cdistill.cli.report_warnings`).
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +43,17 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cdistill.cli.loggers import log_pngs
+from cdistill.cli.measure import config_reliance, reliance_layer
 from cdistill.cli.preflight import base_checkpoint, dry_run_report, preflight, reuse_config
+from cdistill.cli.reliance_plots import reliance_figures
+from cdistill.cli.report_warnings import (
+    FIRST,
+    TERMS,
+    first_logged,
+    reliance_warnings,
+    stalled_warnings,
+)
 from cdistill.cli.tcav_report import summary, tcav_table
 from cdistill.cli.train import (
     CONF_DIR,
@@ -46,7 +65,7 @@ from cdistill.cli.train import (
 )
 from cdistill.concepts.layer_choice import config_layer
 from cdistill.errors import CdistillError, exit_on_error
-from cdistill.models.layers import resolve_layer
+from cdistill.models.layers import is_auto, resolve_layer
 from cdistill.models.students import create_student
 from cdistill.objective.config import ConceptsConfig
 from cdistill.utils.formatting import format_mean_std, mean_std
@@ -132,11 +151,44 @@ def bias_tcav(model: torch.nn.Module, cfg: DictConfig, datamodule: Any) -> dict[
     return summary(scores)
 
 
-def _tcav_of(ckpt: str, cfg: DictConfig, datamodule: Any) -> dict[str, float]:
+def _student(ckpt: str, cfg: DictConfig) -> torch.nn.Module:
     student_kw = OmegaConf.to_container(cfg.model.student, resolve=True)
     assert isinstance(student_kw, dict)
-    student = create_student(**{**student_kw, "checkpoint_path": ckpt})
-    return bias_tcav(student, cfg, datamodule)
+    return create_student(**{**student_kw, "checkpoint_path": ckpt})
+
+
+def _tcav_of(ckpt: str, cfg: DictConfig, datamodule: Any) -> dict[str, float]:
+    return bias_tcav(_student(ckpt, cfg), cfg, datamodule)
+
+
+def reliance_skip(cfg: DictConfig) -> str | None:
+    """Why the pipeline does not measure reliance (``pipeline.reliance``), or None when it does:
+    switched off, no concept spec, or no class-indexed (``{y}``) bias term to measure."""
+    rel = cfg.pipeline.get("reliance") or {}
+    if not rel.get("enabled", False):
+        return "pipeline.reliance.enabled=false"
+    concepts = cfg.model.get("concepts") if "concepts" in cfg.model else None
+    if concepts is None or not concepts.get("spec"):
+        return "the experiment has no concept spec (model.concepts.spec)"
+    if not any("{y}" in str(t.get("concept", "")) for t in concepts.get("terms") or []):
+        return "model.concepts.terms has no class-indexed bias term (a concept with '{y}')"
+    if not reliance_layer(cfg):
+        return "no layer to measure at (measure.reliance.layer or model.layer)"
+    return None
+
+
+def _reliance_of(ckpt: str, cfg: DictConfig, datamodule: Any, stage: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """The reliance measures of one model (:func:`cdistill.cli.measure.config_reliance`, the
+    ``reliance`` measure's code path): flat metrics and the plots' detail (JSON-friendly)."""
+    student = _student(ckpt, cfg)
+    gpu = torch.cuda.is_available() and cfg.measure.get("gpu", True)
+    student.to(torch.device("cuda" if gpu else "cpu")).eval()
+    spec = reliance_layer(cfg)
+    layer = resolve_layer(student, str(cfg.model.layer) if is_auto(spec) else spec)  # auto: this seed's choice
+    start = time.perf_counter()
+    res = config_reliance(student, datamodule, cfg, layer)
+    log.info("reliance of the %s model at %s: %.0f s", stage, layer, time.perf_counter() - start)
+    return res.metrics, asdict(res.detail)
 
 
 ROWS = [
@@ -147,9 +199,20 @@ ROWS = [
     ("test/acc_group_mean", "test acc, mean over (label, bias) groups"),
 ]
 #: Units of the summary: accuracies in percent; TCAV scores and shares as fractions in [0, 1];
-#: p-values as probabilities (printed in scientific notation).
-PERCENT, FRACTION, P_VALUE = "%", "fraction", "p-value"
-SCALE = {PERCENT: 100.0, FRACTION: 1.0, P_VALUE: 1.0}
+#: p-values as probabilities (printed in scientific notation); KL divergences in nats.
+PERCENT, FRACTION, P_VALUE, NATS = "%", "fraction", "p-value", "nats"
+SCALE = {PERCENT: 100.0, FRACTION: 1.0, P_VALUE: 1.0, NATS: 1.0}
+#: The reliance table (``reliance/*`` keys of :mod:`cdistill.cli.reliance_report`).
+RELIANCE_ROWS = [
+    ("reliance/concept_agreement", "concept-only agreement (concept images -> their class)", FRACTION),
+    ("reliance/chance", "concept-only agreement at chance", FRACTION),
+    ("reliance/ablation_kl", "bias-subspace ablation KL", NATS),
+    ("reliance/ablation_kl_random", "random-subspace ablation KL (control, same rank)", NATS),
+    ("reliance/acc_drop", "acc drop, bias subspace ablated (points)", PERCENT),
+    ("reliance/acc_drop_conflicting", "acc drop, bias subspace ablated, bias-conflicting (points)", PERCENT),
+    ("reliance/acc_drop_aligned", "acc drop, bias subspace ablated, bias-aligned (points)", PERCENT),
+    ("reliance/causal_share_in_bias", "causal energy share in the bias subspace", FRACTION),
+]
 CSV_FIELDS = ["metric", "key", "unit", "n_seeds", "base_mean", "base_std", "cd_mean", "cd_std"]
 
 
@@ -193,13 +256,15 @@ def summarize(per_seed: Sequence[Mapping[str, Mapping[str, float]]], protocols: 
         rows.append(_row(per_seed, "bias TCAV score", "tcav", FRACTION))
         rows.append(_row(per_seed, "bias TCAV p (Holm, median)", "tcav_p", P_VALUE))
         rows.append(_row(per_seed, "bias TCAV significant (share of classes, p < 0.05)", "tcav_significant", FRACTION))
+    rows += [_row(per_seed, label, key, unit) for key, label, unit in RELIANCE_ROWS]
     # e.g. no bias-aligned test images on the MNIST benchmarks
     return [r for r in rows if _measured(r)]
 
 
 def _cell(mean: float | None, std: float | None, unit: str) -> str:
-    """``mean ± std`` for the markdown table; p-values in scientific notation."""
-    return format_mean_std(mean, std, sci=unit == P_VALUE)
+    """``mean ± std`` for the markdown table; p-values and KL divergences (which span orders of
+    magnitude, 1e-4 for a control to 4 nats) in scientific notation."""
+    return format_mean_std(mean, std, sci=unit in (P_VALUE, NATS))
 
 
 def _md_table(rows: Sequence[Mapping[str, Any]], with_unit: bool) -> list[str]:
@@ -212,52 +277,24 @@ def _md_table(rows: Sequence[Mapping[str, Any]], with_unit: bool) -> list[str]:
     return md
 
 
-#: A concept term under this value counts as satisfied (the logged last-epoch mean).
-SATISFIED = 0.05
-#: Bias-conflicting validation accuracy must rise by at least this much (a fraction) to count as moved.
-MOVED = 0.02
-#: The concept terms the warning looks at, in order: gradient direction, concept-only outputs,
-#: RR-ClArC, the student's side of the adversarial probe (a fooled probe is not a removed cue).
-TERMS = ("train/concept", "train/output", "train/rrclarc", "train/probe")
-
-
-def _conflicting(metrics: Mapping[str, float]) -> float | None:
-    for key in ("val_reversed/acc_conflicting", "val_reversed/acc", "val/acc_conflicting"):
-        if key in metrics:
-            return float(metrics[key])
-    return None
-
-
-def stalled_warnings(per_seed: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One warning per seed whose concept term is satisfied (the first of :data:`TERMS` logged,
-    under :data:`SATISFIED`) while bias-conflicting validation accuracy (last epoch) rose by less
-    than :data:`MOVED` over the base model's: a loss near 0 is not debiasing."""
-    out = []
-    for r in per_seed:
-        base, cd = r.get("base", {}), r.get("cd", {})
-        term = next((k for k in TERMS if k in cd), None)
-        before, after = _conflicting(base), _conflicting(cd)
-        if term is None or before is None or after is None:
-            continue
-        if float(cd[term]) < SATISFIED and after - before < MOVED:
-            out.append(f"seed {r.get('seed')}: {term} = {float(cd[term]):.4f} (satisfied) but bias-conflicting "
-                       f"validation accuracy moved {100 * before:.1f}% -> {100 * after:.1f}%: the model may read "
-                       "the cue in a way the concept term does not see (docs/methods.md §2.8).")
-    return out
-
-
 def write_report(rows: list[dict[str, Any]], per_seed: list[dict[str, Any]], out: Path, title: str) -> str:
-    """Write ``pipeline.md`` (accuracies and TCAV in separate tables, one unit each),
+    """Write ``pipeline.md`` (accuracies, TCAV and reliance in separate tables, one unit per
+    row, with the plain-words warnings of :mod:`cdistill.cli.report_warnings`),
     ``pipeline.csv`` (numeric: one row per metric with its unit, mean and std in separate
     columns) and ``pipeline.json`` (every seed's metrics); return the markdown."""
     out.mkdir(parents=True, exist_ok=True)
-    acc = [r for r in rows if r["unit"] == PERCENT]
-    tcav = [r for r in rows if r["unit"] != PERCENT]
+    reliance = [r for r in rows if str(r["key"]).startswith("reliance/")]
+    acc = [r for r in rows if r["unit"] == PERCENT and r not in reliance]
+    tcav = [r for r in rows if r["unit"] != PERCENT and r not in reliance]
     md = [f"# {title}", "", f"Accuracy (%), mean ± std over {len(per_seed)} seed(s):", "", *_md_table(acc, False)]
     if tcav:
         md += ["", "Bias TCAV (score and share: fractions in [0, 1]; p: probability), mean ± std:", "",
                *_md_table(tcav, True)]
-    warnings = stalled_warnings(per_seed)
+    if reliance:
+        md += ["", "Reliance on the bias concept, by intervention (docs/methods.md §5), mean ± std. TCAV reads "
+               "the sign of a local derivative at one layer; these measure what the output loses without the "
+               "concept (ablation) and what the concept alone makes the model answer:", "", *_md_table(reliance, True)]
+    warnings = stalled_warnings(per_seed) + reliance_warnings(per_seed)
     for w in warnings:
         log.warning(w)
     if warnings:
@@ -286,14 +323,16 @@ def summary_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
-def log_summary(cfg: DictConfig, rows: Sequence[Mapping[str, Any]]) -> None:
+def log_summary(cfg: DictConfig, rows: Sequence[Mapping[str, Any]], images: Mapping[str, Path] | None = None) -> None:
     """Log the summary (:func:`summary_metrics`) to the configured loggers, e.g. wandb for a
-    sweep over pipeline runs."""
+    sweep over pipeline runs, and ``images`` (key -> PNG) to wandb when it is one of them."""
     loggers = instantiate_group(cfg.get("logger"))
     metrics = summary_metrics(rows)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         lg.log_metrics(metrics, step=0)
+    log_pngs(loggers, images or {}, step=0)
+    for lg in loggers:
         lg.finalize("success")
 
 
@@ -335,6 +374,9 @@ def run_pipeline(cfg: DictConfig) -> list[dict[str, Any]]:
         log.info("\n" + dry_run_report(checks, root) + f"written to {root}/dry_run.txt")
         return []
     log.info("pre-flight checks passed:\n  " + "\n  ".join(checks))
+    skip = reliance_skip(cfg)
+    if skip is not None:
+        log.info("reliance measures skipped: %s", skip)
     per_seed: list[dict[str, Any]] = []
     for seed in cfg.pipeline.seeds:
         run_cfg = cfg.copy()
@@ -353,6 +395,10 @@ def run_pipeline(cfg: DictConfig) -> list[dict[str, Any]]:
         # cells and TCAV alike (cdistill/concepts/layer_choice.py).
         run_cfg = fix_auto_layer(run_cfg, datamodule, str(base_ckpt), out)
         cd_metrics = train(distill_config(run_cfg, str(base_ckpt), out / "cd"))
+        term = next((k for k in TERMS if k in cd_metrics), None)
+        first = first_logged(out / "cd", term) if term else None
+        if term and first is not None:  # where the concept loss started (the warnings' yardstick)
+            cd_metrics[term + FIRST] = first
         record: dict[str, Any] = {"seed": int(seed), "base": base_metrics, "cd": cd_metrics}
         if cfg.pipeline.get("ablation"):
             # The other three cells from the same base model (the experiment itself is the fourth).
@@ -370,14 +416,26 @@ def run_pipeline(cfg: DictConfig) -> list[dict[str, Any]]:
             record["base"].update(_tcav_of(str(base_ckpt), run_cfg, datamodule))
             cd_ckpt = out / "cd" / STUDENT_FILE
             record["cd"].update(_tcav_of(str(cd_ckpt), run_cfg, datamodule))
+        if skip is None:
+            try:
+                measured = {stage: _reliance_of(str(ckpt), run_cfg, datamodule, stage)
+                            for stage, ckpt in (("base", base_ckpt), ("cd", out / "cd" / STUDENT_FILE))}
+            except CdistillError as err:  # the trained models and the rest of the report stand
+                log.warning("seed %s: reliance measures skipped: %s", seed, err)
+            else:
+                record["reliance"] = {stage: detail for stage, (_, detail) in measured.items()}
+                for stage, (metrics, _) in measured.items():
+                    record[stage].update(metrics)
         per_seed.append(record)
     protocols = list(cfg.get("protocols") or {"last": None})
     rows = summarize(per_seed, protocols)
     text = write_report(rows, per_seed, root, f"{cfg.task_name}: base vs concept distillation")
-    log_summary(cfg, rows)
+    figures = reliance_figures(per_seed, root)
+    log_summary(cfg, rows, figures)
     if cfg.pipeline.get("ablation"):
         text += "\n" + write_ablation(per_seed, protocols, root, str(cfg.task_name))
-    log.info("\n" + text + f"\nwritten to {root}/pipeline.md, pipeline.csv, pipeline.json")
+    pngs = "".join(f", {p.name}" for p in figures.values())
+    log.info("\n" + text + f"\nwritten to {root}/pipeline.md, pipeline.csv, pipeline.json{pngs}")
     return per_seed
 
 

@@ -14,13 +14,17 @@ row mode); their span is the bias subspace. Then (:mod:`cdistill.causal.reliance
 - ``reliance/causal_share_in_bias``: the energy share of the layer's top causal directions
   (:func:`cdistill.causal.extract_causal_bases`, ``k`` of them) inside the bias subspace;
 - ``reliance/rank``: dimension of the bias subspace.
+
+:func:`reliance_report` also returns what the plots (:mod:`cdistill.cli.reliance_plots`) need
+beyond these scalars: the agreement per concept value and the causal energy spectrum with each
+direction's share inside the bias subspace (:class:`RelianceDetail`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,10 +32,12 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from cdistill.causal import (
+    Agreement,
     causal_alignment,
     concept_ablation,
     concept_only_agreement,
     extract_causal_bases,
+    wilson_interval,
 )
 from cdistill.concepts import load_spec, preprocess
 from cdistill.concepts.cav import fit_cav
@@ -80,12 +86,13 @@ def bias_term(concepts: ConceptsConfig) -> ConceptTerm:
 
 
 def bias_subspace(model: nn.Module, datamodule: Any, concepts: ConceptsConfig, layer: str,
-                  num_classes: int) -> BiasSubspace:
+                  num_classes: int, max_images: int | None = None) -> BiasSubspace:
     """Fit one CAV per value of the bias term at ``layer`` (see the module docstring).
 
     The spec's sets are loaded at the data's size and channels and normalised by the
-    datamodule (the first :data:`~cdistill.concepts.layer_choice.MAX_IMAGES` of each, in the
-    spec's order, as the layer choice does); the global random state is left as it was.
+    datamodule (the first ``max_images`` of each, default
+    :data:`~cdistill.concepts.layer_choice.MAX_IMAGES`, in the spec's order, as the layer
+    choice does); the global random state is left as it was.
 
     Raises:
         CdistillError: No spec, no ``{y}`` term, or a value's set missing from the spec.
@@ -97,7 +104,8 @@ def bias_subspace(model: nn.Module, datamodule: Any, concepts: ConceptsConfig, l
     kw = {"channels": datamodule.num_channels, "size": datamodule.image_size}
     with torch.random.fork_rng(devices=[]):
         sets = load_spec(concepts.spec, **kw)
-        inputs = {name: preprocess(x[:MAX_IMAGES], datamodule.normalize, **kw) for name, x in sets.items()}
+        cap = MAX_IMAGES if max_images is None else int(max_images)
+        inputs = {name: preprocess(x[:cap], datamodule.normalize, **kw) for name, x in sets.items()}
         blank = preprocess(torch.zeros_like(next(iter(sets.values()))[:1]), datamodule.normalize, **kw)
     names = [term.concept.format(y=k) for k in classes]
     missing = [n for n in names if n not in inputs]
@@ -119,9 +127,61 @@ def bias_subspace(model: nn.Module, datamodule: Any, concepts: ConceptsConfig, l
     return BiasSubspace(torch.stack(vectors, 1), space, [inputs[n] for n in names], classes, accuracies)
 
 
-def reliance_metrics(model: nn.Module, datamodule: Any, concepts: ConceptsConfig, layer: str, num_classes: int,
-                     settings: Mapping[str, Any]) -> dict[str, float]:
-    """The ``reliance/*`` metrics of the module docstring.
+@dataclass(frozen=True)
+class RelianceDetail:
+    """What :func:`reliance_report` measured beyond the flat metrics (JSON-friendly).
+
+    Attributes:
+        values: The bias term's concept set per value (e.g. ``color_3``).
+        classes: The class each value points to.
+        agreement: Per value, the concept-only :class:`~cdistill.causal.Agreement` (its images
+            alone, Wilson 95% interval, chance ``1/K``).
+        energies: ``[k']`` energies (mean KL, nats) of the layer's top causal directions,
+            descending; empty when the causal share was skipped (``k = 0``).
+        shares: ``[k']`` share ``||P v_i||²`` of each causal direction inside the bias subspace.
+        random_share: ``r / d``, the expected share of a uniformly random direction (the bias
+            subspace's rank over the layer's row size): the shares' reference level.
+    """
+
+    values: list[str]
+    classes: list[int]
+    agreement: list[Agreement]
+    energies: list[float] = field(default_factory=list)
+    shares: list[float] = field(default_factory=list)
+    random_share: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RelianceDetail:
+        """The inverse of :func:`dataclasses.asdict` (e.g. read back from ``pipeline.json``)."""
+        return cls([str(v) for v in d["values"]], [int(k) for k in d["classes"]],
+                   [Agreement(**a) for a in d["agreement"]], [float(e) for e in d.get("energies", [])],
+                   [float(x) for x in d.get("shares", [])], d.get("random_share"))
+
+
+@dataclass(frozen=True)
+class Reliance:
+    """Result of :func:`reliance_report`.
+
+    Attributes:
+        metrics: The flat ``reliance/*`` metrics of the module docstring.
+        detail: Per concept value and per causal direction (the plots).
+    """
+
+    metrics: dict[str, float]
+    detail: RelianceDetail
+
+
+def pooled_agreement(parts: list[Agreement]) -> Agreement:
+    """One :class:`Agreement` over all concept values: successes and images summed, the Wilson
+    interval recomputed (the per-value ones do not combine)."""
+    n, successes = sum(a.n for a in parts), sum(a.successes for a in parts)
+    lo, hi = wilson_interval(successes, n)
+    return Agreement(successes / n, lo, hi, parts[0].chance, n, successes)
+
+
+def reliance_report(model: nn.Module, datamodule: Any, concepts: ConceptsConfig, layer: str, num_classes: int,
+                    settings: Mapping[str, Any]) -> Reliance:
+    """The ``reliance/*`` metrics of the module docstring and the detail the plots need.
 
     Args:
         model: The student (eval mode, on its device).
@@ -130,9 +190,10 @@ def reliance_metrics(model: nn.Module, datamodule: Any, concepts: ConceptsConfig
         layer: The measured layer (already resolved).
         num_classes: Classes of the task.
         settings: ``measure.reliance``: ``split`` (a name or a list, concatenated), ``max_inputs``, ``mode``, ``k`` (``null``:
-            rank + 2; 0: no causal share), ``causal_inputs``, ``max_iter``, ``seed``.
+            rank + 2; 0: no causal share), ``causal_inputs``, ``max_iter``, ``seed``, and optionally
+            ``concept_images`` (per concept set; null: :data:`~cdistill.concepts.layer_choice.MAX_IMAGES`).
     """
-    bias = bias_subspace(model, datamodule, concepts, layer, num_classes)
+    bias = bias_subspace(model, datamodule, concepts, layer, num_classes, settings.get("concept_images"))
     names = settings["split"]
     names = [str(names)] if isinstance(names, str) else [str(n) for n in names]
     # Several splits: a biased one gives the aligned inputs, a shifted one the conflicting.
@@ -153,9 +214,13 @@ def reliance_metrics(model: nn.Module, datamodule: Any, concepts: ConceptsConfig
     for group in ("conflicting", "aligned"):
         if group in abl.concept and abl.concept[group].n > 0:  # e.g. a shifted test split has no aligned inputs
             out[f"reliance/acc_drop_{group}"] = abl.concept[group].acc_drop
-    agree = concept_only_agreement(model, bias.images, bias.classes)
+    # Per value for the plot; pooled (exactly the agreement over all images) for the table.
+    per_value = [concept_only_agreement(model, [images], [k]) for images, k in zip(bias.images, bias.classes, strict=True)]
+    agree = pooled_agreement(per_value)
     out |= {"reliance/concept_agreement": agree.rate, "reliance/concept_agreement_lo": agree.lo,
             "reliance/concept_agreement_hi": agree.hi, "reliance/chance": agree.chance}
+    values = [bias_term(concepts).concept.format(y=k) for k in bias.classes]
+    detail = RelianceDetail(values, list(bias.classes), per_value)
     k = settings.get("k")
     k = abl.rank + 2 if k is None else int(k)
     if k > 0:
@@ -164,5 +229,14 @@ def reliance_metrics(model: nn.Module, datamodule: Any, concepts: ConceptsConfig
         dim = bias.vectors.shape[0]
         basis = extract_causal_bases(model, layer, loader, min(k, dim), mode=str(settings["mode"]), space=bias.space,
                                      max_iter=int(settings["max_iter"]), seed=int(settings["seed"]))[layer]
-        out["reliance/causal_share_in_bias"] = causal_alignment(basis.basis, bias.vectors, basis.energies).share
-    return out
+        align = causal_alignment(basis.basis, bias.vectors, basis.energies)
+        out["reliance/causal_share_in_bias"] = align.share
+        detail = RelianceDetail(values, list(bias.classes), per_value, basis.energies.detach().double().cpu().tolist(),
+                                align.shares.tolist(), abl.rank / dim)
+    return Reliance(out, detail)
+
+
+def reliance_metrics(model: nn.Module, datamodule: Any, concepts: ConceptsConfig, layer: str, num_classes: int,
+                     settings: Mapping[str, Any]) -> dict[str, float]:
+    """The flat ``reliance/*`` metrics of :func:`reliance_report` (arguments as there)."""
+    return reliance_report(model, datamodule, concepts, layer, num_classes, settings).metrics

@@ -21,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from cdistill.cli.loggers import log_pngs
 from cdistill.concepts import load_spec, preprocess
 from cdistill.concepts.cav import DEFAULT_SOLVER
 from cdistill.concepts.tcav import benjamini_hochberg, holm, run_tcav
@@ -189,6 +190,4 @@ class TCAVCallback(pl.Callback):
             (out / f"epoch_{trainer.current_epoch:03d}.json").write_text(
                 json.dumps([asdict(s) for s in scores], indent=2)
             )
-            for lg in trainer.loggers:
-                if type(lg).__name__ == "WandbLogger":
-                    lg.log_image(key="tcav", images=[str(png)], step=trainer.global_step)  # type: ignore[attr-defined]
+            log_pngs(trainer.loggers, {"tcav": png}, trainer.global_step)
