@@ -60,7 +60,7 @@ def oracle(family: str, seed: int, runs: Path) -> dict[str, float]:
 def run(family: str, seed: int, recipe: str, name: str, overrides: list[str], runs: Path) -> dict[str, Any]:
     out = runs / family / f"{name}_seed{seed}"
     wall = _run(["pipeline.py", f"experiment={family}/{recipe}", f"pipeline.seeds=[{seed}]",
-                 "pipeline.tcav.enabled=false", *overrides, f"hydra.run.dir={out}"], out / "run.log")
+                 "pipeline.tcav.enabled=false", "pipeline.reliance.enabled=false", *overrides, f"hydra.run.dir={out}"], out / "run.log")
     rec = json.loads((out / "pipeline.json").read_text())[0]
     orc = oracle(family, seed, runs)
     row: dict[str, Any] = {"family": family, "seed": seed, "recipe": recipe, "name": name, "overrides": overrides,
