@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,13 @@ def _run(argv: list[str], log: Path) -> float:
     return time.time() - t0
 
 
-def oracle(family: str, seed: int, runs: Path) -> dict[str, float]:
-    """The oracle's metrics (trained once per family and seed, reused)."""
-    out = runs / family / f"oracle_seed{seed}"
+def oracle(family: str, seed: int, runs: Path, overrides: Sequence[str] = (), folder: str | None = None) -> dict[str, float]:
+    """The oracle's metrics (trained once per family and seed, reused): ``train.py
+    experiment=<family>/baseline data.unbiased=true`` in ``<runs>/<folder or family>/oracle_seed<N>``,
+    with extra Hydra ``overrides`` (e.g. a ``data.root``)."""
+    out = runs / (folder or family) / f"oracle_seed{seed}"
     if not (out / "metrics.json").exists():
-        _run(["train.py", f"experiment={family}/baseline", "data.unbiased=true", f"seed={seed}",
+        _run(["train.py", f"experiment={family}/baseline", "data.unbiased=true", f"seed={seed}", *overrides,
               f"paths.output_dir={out}", f"hydra.run.dir={out}"], out / "run.log")
     return json.loads((out / "metrics.json").read_text())
 

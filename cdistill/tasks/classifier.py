@@ -229,7 +229,12 @@ class ClassifierModule(EvalSplitsModule):
     (``val``, ``val_reversed``, ``test``, ``test_random_color`` ...), ``<split>/loss``,
     ``<split>/acc``, ``<split>/acc_aligned``, ``<split>/acc_conflicting``,
     ``<split>/acc_bias<k>``, and over the ``(label, bias)`` groups ``<split>/acc_worst_group``
-    and ``<split>/acc_group_mean`` (samples with bias -1 count in no group).
+    and ``<split>/acc_group_mean`` (samples with bias -1 count in no group). The validation
+    splits pooled give ``val_all/acc_worst_group`` and ``val_all/acc_group_mean``: on the MNIST
+    families ``val`` holds only the bias-aligned groups and ``val_reversed`` only conflicting
+    ones, so worst-group validation selection (``protocols.worst=val_all/acc_worst_group``)
+    needs both. Where ``val_reversed`` is a subset of ``val`` (BFFHQ, the faces proxy) every
+    group's samples are counted twice or once throughout, so its accuracy is unchanged.
 
     Args:
         student: Keyword arguments of :func:`cdistill.models.students.create_student` (``name`` ...).
@@ -276,6 +281,8 @@ class ClassifierModule(EvalSplitsModule):
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.eval_metrics = nn.ModuleDict()
         self._build_eval_metrics([*val_names, *test_names])
+        # Every validation split's groups together (non-persistent states: checkpoints unchanged).
+        self.val_all_groups = BiasGroupAccuracy(num_bias_groups, num_classes)
         self.run_config: str | None = None  # the resolved Hydra config, stored in checkpoints
 
     def _build_eval_metrics(self, names: Sequence[str]) -> None:
@@ -334,6 +341,8 @@ class ClassifierModule(EvalSplitsModule):
         metrics["acc"].update(preds, batch["label"])
         metrics["groups"].update(preds, batch["label"], batch["bias"])
         metrics["loss"].update(loss)
+        if list(names) == list(self.hparams["val_names"]):
+            self.val_all_groups.update(preds, batch["label"], batch["bias"])
 
     def _eval_epoch_end(self, names: Sequence[str]) -> None:
         for name in names:
@@ -344,3 +353,9 @@ class ClassifierModule(EvalSplitsModule):
             values.update(metrics["groups"].compute())
             self.log_dict({f"{name}/{k}": v for k, v in values.items()}, sync_dist=False)
             metrics.reset()
+        pooled = self.val_all_groups
+        if list(names) == list(self.hparams["val_names"]) and pooled.update_called:
+            values = pooled.compute()
+            self.log_dict({f"val_all/{k}": values[k] for k in ("acc_worst_group", "acc_group_mean") if k in values},
+                          sync_dist=False)
+            pooled.reset()
