@@ -5,12 +5,12 @@ in annotation, not only what it scores. Four kinds (plus ``input masks`` for RRR
 per-image foreground mask):
 
 * ``none``: training labels only (ERM, class-balanced sampling, LfF);
-* ``concept images``: a few example images of the cue (cdistill's concept methods, LEACE/RLACE
-  erasure, RR-ClArC);
+* ``concept images``: a few example images of the cue (cdistill's concept methods, RR-ClArC);
 * ``val group labels``: ``(label, bias)`` on a held-out validation set only (JTT tunes on it, DFR
   retrains the last layer on it);
 * ``train group labels``: the bias attribute of every training sample (group reweighting or
-  balanced sampling, GroupDRO).
+  balanced sampling, GroupDRO; and the erasure methods as configured in ``conf/erasure``, which
+  fit the eraser on the training images' ``bias`` key, not on concept images).
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ METHOD_SUPERVISION: dict[str, Supervision] = {
     "cd": "concept images",
     "cd_best": "concept images",
     "cd_gradient": "concept images",
-    "leace": "concept images",
-    "rlace": "concept images",
-    "inlp": "concept images",
-    "pclarc": "concept images",
+    "leace": "train group labels",
+    "rlace": "train group labels",
+    "inlp": "train group labels",
+    "pclarc": "train group labels",
     "rrclarc": "concept images",
     "adv_probe": "concept images",
     "rrr": "input masks",
