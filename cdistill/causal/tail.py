@@ -30,7 +30,7 @@ compares the unpatched tail with the model's outputs on every batch before using
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -122,28 +122,26 @@ def _crossing_mutation(graph: fx.Graph, root: nn.Module, down: set[fx.Node]) -> 
     return None
 
 
+def _reach(starts: list[fx.Node], neighbours: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
+    """Every node reached from ``starts`` by following ``neighbours`` (``starts`` excluded unless reached)."""
+    seen: set[fx.Node] = set()
+    stack = list(starts)
+    while stack:
+        for nxt in neighbours(stack.pop()):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
 def _downstream(start: fx.Node) -> set[fx.Node]:
     """Every node that depends on ``start`` (``start`` itself excluded)."""
-    seen: set[fx.Node] = set()
-    stack = [start]
-    while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
+    return _reach([start], lambda n: n.users)
 
 
 def _upstream(targets: list[fx.Node]) -> set[fx.Node]:
     """``targets`` and every node they depend on."""
-    seen = set(targets)
-    stack = list(targets)
-    while stack:
-        for arg in stack.pop().all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                stack.append(arg)
-    return seen
+    return set(targets) | _reach(targets, lambda n: n.all_input_nodes)
 
 
 def _cut(graph: fx.Graph, layer_node: fx.Node, down: set[fx.Node]) -> tuple[fx.Graph, fx.Graph | None, list[fx.Node]]:
