@@ -74,10 +74,12 @@ def _base_dir(run: Path, seed: int) -> Path:
 
 
 def _layer(run: Path, seed: int) -> str:
-    """``model.layer=auto``'s choice on this base model (the default recipe's run of the family, seed)."""
-    recipe_run = run.parent / f"cd_seed{seed}" / f"seed{seed}" / "layer_choice.json"
+    """``model.layer=auto``'s choice on this base model: this run's, the run's that trained the base
+    model, or the default recipe's of the same family and seed."""
     own = run / f"seed{seed}" / "layer_choice.json"
-    for f in (own, recipe_run):
+    base_run = _base_dir(run, seed).parent / "layer_choice.json"  # the run that trained the base model
+    recipe_run = run.parent / f"cd_seed{seed}" / f"seed{seed}" / "layer_choice.json"
+    for f in (own, base_run, recipe_run):
         if f.exists():
             return str(json.loads(f.read_text())["layer"])
     raise SystemExit(f"no layer_choice.json for {run} (run the default recipe of this family and seed first)")
