@@ -195,6 +195,11 @@ def reliance_measure(ctx: MeasureContext) -> dict[str, float]:
     return res.metrics
 
 
+def measure_device(cfg: DictConfig) -> torch.device:
+    """Where a measured student runs: the GPU when there is one and ``measure.gpu`` allows it."""
+    return torch.device("cuda" if torch.cuda.is_available() and cfg.measure.get("gpu", True) else "cpu")
+
+
 def reliance_layer(cfg: DictConfig) -> str:
     """The layer spec the reliance measure reads: ``measure.reliance.layer``, else
     ``measure.tcav.layer``, ``pipeline.tcav.layer``, ``model.layer`` (``""``: none; may be ``auto``)."""
@@ -280,7 +285,7 @@ def run_measure(cfg: DictConfig) -> dict[str, float]:
     check_input_channels(student, datamodule.num_channels, "the measured student")
     if isinstance(getattr(student, "image_size", None), int):
         check_input_size(student, int(datamodule.image_size), "the measured student")
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.measure.get("gpu", True) else "cpu")
+    device = measure_device(cfg)
     student.to(device).eval()
     out = Path(str(cfg.measure.get("out") or cfg.paths.output_dir))
     ctx = MeasureContext(student, datamodule, cfg, out, device)

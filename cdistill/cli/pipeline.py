@@ -44,7 +44,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cdistill.cli.loggers import log_pngs
-from cdistill.cli.measure import config_reliance, reliance_layer
+from cdistill.cli.measure import config_reliance, measure_device, reliance_layer
 from cdistill.cli.preflight import base_checkpoint, dry_run_report, preflight, reuse_config
 from cdistill.cli.reliance_plots import reliance_figures
 from cdistill.cli.report_warnings import (
@@ -181,8 +181,7 @@ def _reliance_of(ckpt: str, cfg: DictConfig, datamodule: Any, stage: str) -> tup
     """The reliance measures of one model (:func:`cdistill.cli.measure.config_reliance`, the
     ``reliance`` measure's code path): flat metrics and the plots' detail (JSON-friendly)."""
     student = _student(ckpt, cfg)
-    gpu = torch.cuda.is_available() and cfg.measure.get("gpu", True)
-    student.to(torch.device("cuda" if gpu else "cpu")).eval()
+    student.to(measure_device(cfg)).eval()
     spec = reliance_layer(cfg)
     layer = resolve_layer(student, str(cfg.model.layer) if is_auto(spec) else spec)  # auto: this seed's choice
     start = time.perf_counter()
