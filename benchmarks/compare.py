@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -213,22 +214,30 @@ def _reason(text: str) -> str:
     return " / ".join(ln.strip() for ln in last.splitlines() if ln.strip())[:240]
 
 
-def launch(argv: list[str], log: Path, timeout: float | None) -> tuple[str, float]:
-    """Run one command; ``("ok" | "failed: <reason>" | "not run: budget ...", wall seconds)``."""
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def launch(argv: list[str], log: Path, timeout: float | None) -> tuple[str, float, float]:
+    """Run one command; ``("ok" | "failed: <reason>" | "not run: budget ...", wall seconds, CPU
+    seconds)``. The CPU time (user + system, all threads) does not grow with the machine's load,
+    where the wall time does."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    t0, c0 = time.time(), _children_cpu()
     try:
         proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "WANDB_MODE": "offline"})
     except subprocess.TimeoutExpired as err:
         out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
         log.write_text(out[-20000:])
-        return f"not run: budget (stopped after {time.time() - t0:.0f} s)", time.time() - t0
-    wall = time.time() - t0
+        return f"not run: budget (stopped after {time.time() - t0:.0f} s)", time.time() - t0, _children_cpu() - c0
+    wall, cpu = time.time() - t0, _children_cpu() - c0
     log.write_text(proc.stdout[-20000:] + "\n" + proc.stderr[-20000:])
     if proc.returncode:
-        return f"failed: {_reason(proc.stderr)} (log: {log})", wall
-    return "ok", wall
+        return f"failed: {_reason(proc.stderr)} (log: {log})", wall, cpu
+    return "ok", wall, cpu
 
 
 @dataclass
@@ -276,7 +285,8 @@ def run_cell(family: Family, method: str, seed: int, runs: Path, extra: Sequence
     row["command"] = " ".join(argv)
     if results_file(method, out).exists():  # cached
         cell = out / CELL_FILE
-        row["wall_s"] = json.loads(cell.read_text()).get("wall_s") if cell.exists() else None
+        timing = json.loads(cell.read_text()) if cell.exists() else {}
+        row["wall_s"], row["cpu_s"] = timing.get("wall_s"), timing.get("cpu_s")
         row["cached"] = True
     elif method in CONCEPT_METHODS and erm_status != "ok":
         row["status"] = f"not run: its ERM base model is missing (erm: {erm_status})"
@@ -286,11 +296,11 @@ def run_cell(family: Family, method: str, seed: int, runs: Path, extra: Sequence
         return row
     else:
         left = budget.left()
-        status, wall = launch(argv, out / "compare.log", None if left is None else max(left, 1.0))
-        row["status"], row["wall_s"] = status, round(wall, 1)
+        status, wall, cpu = launch(argv, out / "compare.log", None if left is None else max(left, 1.0))
+        row["status"], row["wall_s"], row["cpu_s"] = status, round(wall, 1), round(cpu, 1)
         if status != "ok":
             return row
-        (out / CELL_FILE).write_text(json.dumps({"wall_s": row["wall_s"], "command": row["command"]}))
+        (out / CELL_FILE).write_text(json.dumps({"wall_s": row["wall_s"], "cpu_s": row["cpu_s"], "command": row["command"]}))
     budget.record(family.label, method, row["wall_s"])
     try:
         row.update(row_from_metrics(read_metrics(method, out)))
@@ -463,6 +473,10 @@ def table(rows: Sequence[Mapping[str, Any]], png: str | None = None) -> str:
            head, sep]
     for m in methods:
         md.append(f"| {m} | {supervision(m)} | " + " | ".join(cell_text(_by(cells, f, m), "wall_s") for f in families) + " |")
+    md += ["", "## CPU time per cell (s, user + system of all threads; does not grow with the machine's load)", "",
+           head, sep]
+    for m in methods:
+        md.append(f"| {m} | {supervision(m)} | " + " | ".join(cell_text(_by(cells, f, m), "cpu_s") for f in families) + " |")
     md += ["", *matched_table(cells, families), "", *not_run(cells)]
     if png:
         md += ["", f"![gap closed and bias-conflicting accuracy]({png})"]

@@ -1,4 +1,4 @@
-"""A callback that SIGKILLs its own process at a given optimiser step (tests/test_resume.py):
+"""A callback that SIGKILLs its own process at a given optimiser step (tests/tasks/test_resume.py):
 a real, unannounced kill at a known point mid-epoch."""
 
 from __future__ import annotations

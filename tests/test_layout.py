@@ -115,3 +115,19 @@ def test_no_private_name_from_another_package() -> None:
             if private and not own:
                 bad.append(f"{name}: {mod}.{attr}")
     assert not bad
+
+
+#: Tests about the package as a whole, kept at the top of tests/.
+PACKAGE_WIDE = {"test_layout.py", "test_package.py", "test_compat.py"}
+
+
+def test_tests_mirror_the_packages() -> None:
+    """Each test file lives in tests/<part>/, where <part> is a cdistill subpackage, ``datamodules``
+    or ``benchmarks``, so a module's tests are found by its path."""
+    tests = ROOT / "tests"
+    parts = {p.name for p in (ROOT / "cdistill").iterdir() if (p / "__init__.py").is_file()} | {"datamodules", "benchmarks"}
+    misplaced = [str(p.relative_to(tests)) for p in sorted(tests.rglob("test_*.py"))
+                 if (p.parent == tests and p.name not in PACKAGE_WIDE)
+                 or (p.parent != tests and p.relative_to(tests).parts[0] not in parts)]
+    assert not misplaced, f"test files outside tests/<subpackage>/: {misplaced}"
+    assert (tests / "objective" / "test_losses.py").is_file()  # guards the test: the layout it checks exists

@@ -22,7 +22,7 @@ bounded, and is 0 exactly when the probe, as it stands, cannot tell the values a
 
 **Known limit.** Against a probe that learns a step at a time, the student can move the cue out
 of the current probe's reach instead of removing it: the probe is fooled (its accuracy falls)
-while a probe fitted afresh still reads the cue (the toy of tests/test_adversarial_probe.py; the
+while a probe fitted afresh still reads the cue (the toy of tests/objective/test_adversarial_probe.py; the
 same was reported for adversarial removal of attributes from text, Elazar and Goldberg 2018).
 
 The probe reads the flattened map (the space a ``flatten`` CAV lives in). Its parameters are

@@ -148,7 +148,7 @@ def test_shipped_specs_pass_the_pairs_check() -> None:
 
 
 def test_load_student_from_a_cdistill_checkpoint() -> None:
-    fixture = Path(__file__).parent / "fixtures" / "cd_380f439.ckpt"
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "cd_380f439.ckpt"
     state = torch.load(fixture, weights_only=True)["state_dict"]
     loaded = load_student(fixture)  # the architecture and data statistics come from the file
     assert loaded.student["name"] == "timm:test_efficientnet" and loaded.config is not None

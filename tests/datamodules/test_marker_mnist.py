@@ -34,7 +34,7 @@ from datamodules import (
 from datamodules.splits import make_generator
 
 MakeCfg = Callable[..., DictConfig]
-SPEC = Path(__file__).resolve().parents[1] / "concepts" / "marker_mnist.yaml"
+SPEC = Path(__file__).resolve().parents[2] / "concepts" / "marker_mnist.yaml"
 _CACHE: dict[tuple[type, int, bool], BiasedMNISTDataModule] = {}
 
 

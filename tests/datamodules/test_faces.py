@@ -23,7 +23,7 @@ from cdistill.errors import CdistillError
 from datamodules import BFFHQDataModule, FacesProxyDataModule, create_datamodule
 from datamodules.faces_proxy import MARKER, ProxySettings, ensure_faces_proxy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MakeCfg = Callable[..., DictConfig]
 #: A proxy small enough for a test: 400 train faces (2 conflicting), 32 px.
 TINY = ["data.n_train=400", "data.n_valid=16", "data.n_test=16", "data.proxy_size=32", "data.image_size=32"]

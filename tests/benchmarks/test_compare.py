@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from cdistill.tasks.classifier import ClassifierModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _compare() -> ModuleType:
@@ -163,7 +163,7 @@ def test_one_real_cell_end_to_end(tmp_path: Path) -> None:
     for r in rows:
         for rule in ("strict", "worst"):
             assert 0.0 <= r[f"{rule}/acc"] <= 100.0 and r[f"{rule}/acc_worst_group"] <= r[f"{rule}/acc"]
-        assert r["oracle_acc"] is not None and r["wall_s"] > 0
+        assert r["oracle_acc"] is not None and r["wall_s"] > 0 and r["cpu_s"] > 0
     assert rows[1]["strict/dfr_heldout_size"] > 0
     selection = json.loads((tmp_path / "runs" / "color_mnist" / "dfr_seed1" / "selection.json").read_text())
     assert selection["worst"]["monitor"] == "val_all/acc_worst_group"
@@ -173,4 +173,5 @@ def test_one_real_cell_end_to_end(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     again = [json.loads(ln) for ln in (tmp_path / "rows.jsonl").read_text().splitlines()][2:]
     assert [r.get("cached") for r in again] == [True, True]
+    assert [r["cpu_s"] for r in again] == [r["cpu_s"] for r in rows]  # the cell's timing travels with its cache
     assert again[1]["strict/acc"] == rows[1]["strict/acc"]

@@ -1,7 +1,7 @@
 """The pipeline report's reliance part: the plain-words warning rule (both directions), the
 concept loss's first logged value, the reliance table, the plots and their way to wandb, and
-when the pipeline skips the measures. The pipeline run itself: tests/test_train.py
-(test_pipeline_writes_report) and tests/test_preflight.py (the switch off)."""
+when the pipeline skips the measures. The pipeline run itself: tests/cli/test_train.py
+(test_pipeline_writes_report) and tests/cli/test_preflight.py (the switch off)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from PIL import Image
 from cdistill.concepts import generate, load_image_folder, load_spec, preprocess
 from cdistill.errors import CdistillError
 
-SPECS = Path(__file__).resolve().parents[1] / "concepts"
+SPECS = Path(__file__).resolve().parents[2] / "concepts"
 
 
 @pytest.mark.parametrize("bench", ["color_mnist", "decoy_mnist", "texture_mnist", "marker_mnist"])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from own_data import write_own_data
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: Appended to every Hydra command: one batch per stage, one seed.
 DEBUG = ["debug=fdr", "pipeline.seeds=[0]", "data.num_workers=0"]
 

@@ -16,7 +16,7 @@ from cdistill.tasks.intrinsic import IntrinsicModule
 from datamodules.intrinsic import IntrinsicDataModule
 
 MakeCfg = Callable[..., DictConfig]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TERM_R = {"branch": "r", "layer": "r_dec.up1", "concept": "illumination", "negative": "material"}
 
 

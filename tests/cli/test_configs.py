@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdistill.cli.train import instantiate_group
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 MakeCfg = Callable[..., DictConfig]
 
 

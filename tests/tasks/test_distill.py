@@ -13,7 +13,7 @@ from cdistill.errors import CdistillError
 from cdistill.tasks.distill import ConceptDistillModule
 from datamodules import ColorMNISTDataModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TERMS = [{"concept": "color_{y}", "negative": "grey"}]
 
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, open_dict
 
 from cdistill.cli.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MakeCfg = Callable[..., DictConfig]
 
 

@@ -18,15 +18,15 @@ from omegaconf import DictConfig, open_dict
 from cdistill.cli.train import train
 from cdistill.errors import CdistillError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MakeCfg = Callable[..., DictConfig]
 # Classification experiments on data that needs no files (the IID ones report errors, not
-# accuracies: tests/test_intrinsic.py; Waterbirds and CelebA read a dataset from disk and run on
-# fixtures written in their layouts: tests/test_waterbirds_celeba.py).
+# accuracies: tests/tasks/test_intrinsic.py; Waterbirds and CelebA read a dataset from disk and run on
+# fixtures written in their layouts: tests/datamodules/test_waterbirds_celeba.py).
 EXPERIMENTS = sorted(
     str(p.relative_to(ROOT / "conf" / "experiment").with_suffix(""))
     for p in (ROOT / "conf" / "experiment").rglob("*.yaml")
-    if p.parent.name not in ("iid", "waterbirds", "celeba", "folder")  # folder: tests/test_own_data_readme.py
+    if p.parent.name not in ("iid", "waterbirds", "celeba", "folder")  # folder: tests/cli/test_own_data_readme.py
 )
 
 
@@ -39,7 +39,7 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comple
 
 
 # Teacher experiments: a tiny offline teacher whose CAVs may miss the gate, or a tiny in-code ViT
-# instead of DINO (tests/test_teacher.py covers the teacher stage); faces: a small proxy.
+# instead of DINO (tests/teacher/test_teacher.py covers the teacher stage); faces: a small proxy.
 _TINY_AE = ["model.teacher.train.images=128", "model.teacher.train.epochs=1", "model.teacher.train.width=4",
             "model.teacher.pca_dims=4", "model.teacher.mapping.epochs=3", "model.concepts.min_accuracy=0"]
 _TINY_FACES = ["data.n_train=200", "data.n_valid=40", "data.n_test=40"]

@@ -27,7 +27,7 @@ from cdistill.models.students import create_student
 from cdistill.tasks.distill import ConceptDistillModule
 from datamodules import ColorMNISTDataModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ERASURE = {"layers": ["conv1"], "mode": "position", "method": "leace"}
 
 
