@@ -32,7 +32,6 @@ class FolderRow(NamedTuple):
     where: str
 
 
-
 def parse_int(value: str, column: str, where: str, allow_empty: bool = False) -> int:
     """An integer cell (``"3"``, ``"3.0"``; empty -> -1 when ``allow_empty``).
 
