@@ -4,7 +4,7 @@ as a folder of images with a metadata CSV (``folder``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 
@@ -64,3 +64,13 @@ __all__ = [
     "WaterbirdsDataModule",
     "create_datamodule",
 ]
+
+if TYPE_CHECKING:  # mypy checks every datamodule against the contract cdistill types its data by
+    from cdistill.utils.datamodule import ConceptPairData, ImageData
+    from datamodules.intrinsic import IntrinsicDataModule
+
+    _IMAGE_DATA: tuple[type[ImageData], ...] = (
+        BFFHQDataModule, CelebADataModule, ColorMNISTDataModule, DecoyMNISTDataModule, FacesProxyDataModule,
+        FolderDataModule, MarkerMNISTDataModule, TextureMNISTDataModule, WaterbirdsDataModule,
+    )
+    _CONCEPT_PAIR_DATA: type[ConceptPairData] = IntrinsicDataModule

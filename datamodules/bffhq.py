@@ -31,21 +31,19 @@ import logging
 import re
 from collections import Counter
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from cdistill.errors import CdistillError, unknown_name
-from cdistill.robust.sampling import check_sampler
+from cdistill.utils.datamodule import SplitDataset
 from datamodules.biased_mnist import channel_stats
-from datamodules.loaders import SplitLoaders
+from datamodules.loaders import SplitDataModule
 from datamodules.normalization import ChannelNormalization
-from datamodules.splits import make_generator
+from datamodules.splits import seeded_subset
 
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^.+_(?P<age>[01])_(?P<gender>[01])$")
@@ -60,7 +58,7 @@ class FaceRecord(NamedTuple):
     gender: int
 
 
-class FaceDataset(Dataset[dict[str, Tensor]]):
+class FaceDataset(SplitDataset):
     """Images kept as ``uint8`` and normalised on access.
 
     Args:
@@ -162,7 +160,7 @@ def bias_mapping(align: list[FaceRecord]) -> bool:
     return direct
 
 
-class BFFHQDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModule):
+class BFFHQDataModule(ChannelNormalization, SplitDataModule):
     """BFFHQ read from the released layout (see the module docstring).
 
     Args:
@@ -174,15 +172,8 @@ class BFFHQDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModule
             the conflicting ratio further; 1.0 keeps all.
         image_size: Side images are resized to on load (64-224 typical); ``None`` keeps the
             files' size, which must then be the same for all.
-        seed: Seeds the conflict subset and the train order.
-        batch_size: Train batch size (per process under DDP).
-        eval_batch_size: Batch size of the val/test loaders.
-        num_workers: DataLoader workers.
-        pin_memory: DataLoader ``pin_memory``.
-        max_train_samples: Cap on the train split (a seeded random subset, for fast tests);
-            ``None`` keeps all.
-        sampler: ``data.sampler``: None (a seeded shuffle), ``group_balanced`` or
-            ``class_balanced`` (:mod:`cdistill.robust.sampling`).
+        **loader: :class:`~datamodules.loaders.LoaderSettings` (``seed`` also seeds the
+            conflict subset; ``max_train_samples`` takes a seeded random subset).
     """
 
     name: str = "bffhq"
@@ -196,37 +187,21 @@ class BFFHQDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModule
         pct: str = "0.5pct",
         conflict_fraction: float = 1.0,
         image_size: int | None = 64,
-        seed: int = 0,
-        batch_size: int = 64,
-        eval_batch_size: int = 256,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        max_train_samples: int | None = None,
-        sampler: str | None = None,
+        **loader: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**loader)
         self.save_hyperparameters()
-        if max_train_samples is not None and int(max_train_samples) < 1:
-            raise CdistillError(f"data.max_train_samples={max_train_samples} must be >= 1, or null for all.")
-        self.max_train_samples = None if max_train_samples is None else int(max_train_samples)
         if not 0.0 <= float(conflict_fraction) <= 1.0:
             raise CdistillError(f"data.conflict_fraction={conflict_fraction} must be in [0, 1].")
         if image_size is not None and int(image_size) < 8:
             raise CdistillError(f"data.image_size={image_size} is too small; use 64-224 (or null).")
-        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if int(value) < 1:
-                raise CdistillError(f"data.{key}={value} must be >= 1.")
         # A missing root fails when the data are first needed, so configs compose without one.
         self.root = Path(str(root)).expanduser() if root else None
         self.pct = str(pct)
         self.conflict_fraction = float(conflict_fraction)
         self._image_size = None if image_size is None else int(image_size)
-        self.seed = int(seed)
-        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
-        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.val_names: list[str] = ["val", "val_reversed"]
         self.test_names: list[str] = ["test"]
-        self.sampler = check_sampler(sampler)
         #: ``val_reversed`` is the conflicting part of ``val`` (a held-out set drawn from both uses val alone).
         self.val_reversed_in_val = True
         self._datasets: dict[str, FaceDataset] = {}
@@ -255,13 +230,11 @@ class BFFHQDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModule
         conflict = [r for label in (0, 1) for r in self._label_folder(base / "conflict", label, allow_empty=True)]
         if self.conflict_fraction < 1.0 and conflict:
             keep = round(len(conflict) * self.conflict_fraction)
-            order = torch.randperm(len(conflict), generator=make_generator(self.seed, "bffhq", "conflict"))
-            conflict = [conflict[i] for i in sorted(order[:keep].tolist())]
+            conflict = seeded_subset(conflict, keep, self.seed, "bffhq", "conflict")
         self._direct = bias_mapping(align)
         train = align + conflict
         if self.max_train_samples is not None and self.max_train_samples < len(train):
-            order = torch.randperm(len(train), generator=make_generator(self.seed, "bffhq", "cap"))
-            train = [train[i] for i in sorted(order[: self.max_train_samples].tolist())]
+            train = seeded_subset(train, self.max_train_samples, self.seed, "bffhq", "cap")
         valid = list_faces(self.root / "valid")
         return {"train": train, "val": valid,
                 "val_reversed": [r for r in valid if self._bias(r) != r.age],

@@ -8,22 +8,23 @@ serves the dataloaders.
 
 from __future__ import annotations
 
-from typing import ClassVar, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, NamedTuple
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
 from cdistill.errors import CdistillError, unknown_name
-from cdistill.robust.sampling import check_sampler
 from datamodules.dataset import BiasedDigitsDataset
-from datamodules.loaders import SplitLoaders
+from datamodules.loaders import SplitDataModule
 from datamodules.mnist_source import load_embedded_digits, load_torchvision_mnist
 from datamodules.normalization import ChannelNormalization
 from datamodules.splits import check_fractions, make_generator, stratified_split
 
 #: Splits carrying the training correlation; the others carry a shifted one.
 BIASED_SPLITS = ("train", "val")
+#: Splits carrying the test-time shift of the cue.
+SHIFTED_SPLITS = ("val_reversed", "test")
 #: Splits cut from the source digits; extra test sets reuse the ``test`` digits.
 BASE_SPLITS = ("train", "val", "val_reversed", "test")
 
@@ -74,7 +75,7 @@ def alpha_fill(digits: Tensor, table: Tensor, index: Tensor, chunk: int = 8192) 
     return out
 
 
-class BiasedMNISTDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModule):
+class BiasedMNISTDataModule(ChannelNormalization, SplitDataModule):
     """Base datamodule: digits, seeded splits, normalisation and loaders.
 
     Splits: ``train`` (training cue), ``val`` (training cue, in-distribution),
@@ -90,17 +91,9 @@ class BiasedMNISTDataModule(SplitLoaders, ChannelNormalization, pl.LightningData
         root: Directory with full MNIST in torchvision's layout; ``None`` uses the
             embedded digits.
         download: Let torchvision download MNIST into ``root`` when missing.
-        seed: Seeds the split, every cue drawn (colours, corners, textures) and the train
-            order; same seed gives bitwise identical data on every process.
-        batch_size: Train batch size.
-        eval_batch_size: Batch size of the val/test loaders.
-        num_workers: DataLoader workers.
-        pin_memory: DataLoader ``pin_memory``.
         val_fraction: Fraction of each class for ``val``.
         val_reversed_fraction: Fraction of each class for ``val_reversed``.
         test_fraction: Fraction of each class for ``test`` (embedded source only).
-        max_train_samples: Cap on the train split (a class-balanced-ish random subset),
-            for fast tests; ``None`` keeps all.
         unbiased: The oracle: the training cue is drawn uniformly at random per image,
             independently of the label (``bias`` still records the class the cue points to).
             ``val``, ``val_reversed`` and the test splits are unchanged, and every other
@@ -112,8 +105,10 @@ class BiasedMNISTDataModule(SplitLoaders, ChannelNormalization, pl.LightningData
             95%-correlated setting). 0 (default): today's data, bitwise; ``unbiased=true`` is
             ``p = 1``. The random cues are those of the oracle (same generator), so raising ``p``
             only adds conflicting images.
-        sampler: ``data.sampler``: None (a seeded shuffle), ``group_balanced`` or
-            ``class_balanced`` (:mod:`cdistill.robust.sampling`).
+        **loader: :class:`~datamodules.loaders.LoaderSettings`: ``seed`` also seeds the split and
+            every cue drawn (colours, corners, textures), so the same seed gives bitwise identical
+            data on every process; ``max_train_samples`` keeps a prefix of the shuffled train cut
+            (a class-balanced-ish random subset).
     """
 
     name: str = "biased_mnist"
@@ -127,28 +122,17 @@ class BiasedMNISTDataModule(SplitLoaders, ChannelNormalization, pl.LightningData
         self,
         root: str | None = None,
         download: bool = False,
-        seed: int = 0,
-        batch_size: int = 64,
-        eval_batch_size: int = 256,
-        num_workers: int = 0,
-        pin_memory: bool = False,
         val_fraction: float = 0.1,
         val_reversed_fraction: float = 0.1,
         test_fraction: float = 0.2,
-        max_train_samples: int | None = None,
         unbiased: bool = False,
         conflicting_fraction: float = 0.0,
-        sampler: str | None = None,
+        **loader: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**loader)
         self.save_hyperparameters()
         self.root = None if root in (None, "") else str(root)
         self.download = bool(download)
-        self.seed = int(seed)
-        self.batch_size = int(batch_size)
-        self.eval_batch_size = int(eval_batch_size)
-        self.num_workers = int(num_workers)
-        self.pin_memory = bool(pin_memory)
         self.fractions = {
             "val_fraction": float(val_fraction),
             "val_reversed_fraction": float(val_reversed_fraction),
@@ -156,17 +140,8 @@ class BiasedMNISTDataModule(SplitLoaders, ChannelNormalization, pl.LightningData
         if self.root is None:  # test_fraction only matters when test is carved out here
             self.fractions["test_fraction"] = float(test_fraction)
         check_fractions(self.fractions)
-        if max_train_samples is not None and int(max_train_samples) < 1:
-            raise CdistillError(
-                f"data.max_train_samples={max_train_samples} must be >= 1, or null for all."
-            )
-        self.max_train_samples = None if max_train_samples is None else int(max_train_samples)
         self.unbiased = bool(unbiased)
         self.conflicting_fraction = check_conflicting_fraction(conflicting_fraction, self.unbiased)
-        self.sampler = check_sampler(sampler)
-        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if int(value) < 1:
-                raise CdistillError(f"data.{key}={value} must be >= 1.")
         # Instance copies so that callers may edit them without touching the class.
         self.val_names: list[str] = ["val", "val_reversed"]
         self.test_names: list[str] = ["test", *self.extra_test_names]
@@ -213,6 +188,41 @@ class BiasedMNISTDataModule(SplitLoaders, ChannelNormalization, pl.LightningData
             drawn = torch.rand(labels.shape, generator=make_generator(self.seed, "conflicting", split))
             return torch.where(drawn < self.conflicting_fraction, random_cue, labels)
         return labels.clone()
+
+    def split_cue(
+        self,
+        split: str,
+        labels: Tensor,
+        shifted: Callable[[], Tensor],
+        extra: Mapping[str, Callable[[], Tensor]] | None = None,
+        train_cue: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """The cue of each image of ``split``, by the rule every benchmark follows: the training
+        correlation on :data:`BIASED_SPLITS` (``train_cue`` of :meth:`cue_classes`, the classes
+        themselves by default), ``shifted()`` on :data:`SHIFTED_SPLITS`, and ``extra[split]()`` on
+        an extra test split. Only the chosen rule runs, so only it draws from a generator.
+
+        Args:
+            split: Split name.
+            labels: ``int64 [N]`` classes.
+            shifted: The cue under the test-time shift.
+            extra: Extra test split name -> its cue.
+            train_cue: Maps the cue classes to the cue (e.g. DecoyMNIST's patch grey).
+
+        Returns:
+            ``int64 [N]``.
+
+        Raises:
+            ValueError: A split none of the rules covers.
+        """
+        if split in BIASED_SPLITS:
+            classes = self.cue_classes(split, labels)
+            return classes if train_cue is None else train_cue(classes)
+        if split in SHIFTED_SPLITS:
+            return shifted()
+        if extra is not None and split in extra:
+            return extra[split]()
+        raise ValueError(f"unknown split {split!r}")
 
     # ----------------------------------------------------------------- building
     @property

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from cdistill.errors import CdistillError, unknown_name
-from datamodules.folder import FolderDataModule, FolderRow, parse_int, read_csv
+from datamodules.folder import FolderDataModule
+from datamodules.folder_files import FolderRow, parse_int, read_csv
 from datamodules.waterbirds import IMAGENET_MEAN, IMAGENET_STD, WILDS_SPLITS
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from cdistill.concepts.palette import PALETTE
 from cdistill.concepts.textures import NUM_TEXTURES, make_textures
-from datamodules.biased_mnist import BIASED_SPLITS, BiasedMNISTDataModule, Rendered, alpha_fill
+from datamodules.biased_mnist import BiasedMNISTDataModule, Rendered, alpha_fill
 
 
 class ColorMNISTDataModule(BiasedMNISTDataModule):
@@ -43,18 +43,13 @@ class ColorMNISTDataModule(BiasedMNISTDataModule):
         """See :meth:`BiasedMNISTDataModule.render`; returns ``uint8 [N, 3, 28, 28]``."""
         n = labels.numel()
         none = torch.full((n,), -1, dtype=torch.int64)
-        if split in BIASED_SPLITS:
-            colour = self.cue_classes(split, labels)
-        elif split in ("val_reversed", "test"):
-            colour = 9 - labels
-        elif split == "test_random_color":
-            colour = torch.randint(0, len(PALETTE), (n,), generator=generator)
-        elif split == "test_pixel_hard":
+        if split == "test_pixel_hard":
             per_pixel = torch.randint(0, len(PALETTE), digits.shape, generator=generator)
             return Rendered(alpha_fill(digits, PALETTE, per_pixel), none, none)
-        elif split == "test_random_texture":
+        if split == "test_random_texture":
             texture = torch.randint(0, NUM_TEXTURES, (n,), generator=generator)
             return Rendered(alpha_fill(digits, make_textures(), texture), none, texture)
-        else:
-            raise ValueError(f"unknown split {split!r}")
+        colour = self.split_cue(split, labels, shifted=lambda: 9 - labels, extra={
+            "test_random_color": lambda: torch.randint(0, len(PALETTE), (n,), generator=generator),
+        })
         return Rendered(alpha_fill(digits, PALETTE, colour), colour, colour)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+
+from cdistill.utils.datamodule import SplitDataset
 
 
-class BiasedDigitsDataset(Dataset[dict[str, Tensor]]):
+class BiasedDigitsDataset(SplitDataset):
     """Rendered digits kept as ``uint8`` and normalised on access.
 
     Storing ``uint8`` keeps full MNIST with three channels around 110 MB instead of

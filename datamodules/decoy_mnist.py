@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from datamodules.biased_mnist import BIASED_SPLITS, BiasedMNISTDataModule, Rendered
+from datamodules.biased_mnist import BiasedMNISTDataModule, Rendered
 
 PATCH_SIZE = 5
 #: Corner ids used in ``cue``: 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right.
@@ -57,12 +57,7 @@ class DecoyMNISTDataModule(BiasedMNISTDataModule):
         self, split: str, digits: Tensor, labels: Tensor, generator: torch.Generator
     ) -> Rendered:
         """See :meth:`BiasedMNISTDataModule.render`; returns ``uint8 [N, 1, 28, 28]``."""
-        if split in BIASED_SPLITS:
-            grey = train_grey(self.cue_classes(split, labels))
-        elif split in ("val_reversed", "test"):
-            grey = 25 * labels
-        else:
-            raise ValueError(f"unknown split {split!r}")
+        grey = self.split_cue(split, labels, shifted=lambda: 25 * labels, train_cue=train_grey)
         corner = torch.randint(0, len(CORNERS), (labels.numel(),), generator=generator)
         images = digits.unsqueeze(1).clone()
         for cid, (rows, cols) in enumerate(CORNERS):

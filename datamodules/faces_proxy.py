@@ -242,8 +242,8 @@ class FacesProxyDataModule(BFFHQDataModule):
         root: Cache folder of the proxy (created; never a real dataset: a non-empty folder
             without the proxy marker is refused).
         n_train, n_valid, n_test, conflict_ratio, proxy_size, wrinkle_contrast, proxy_seed:
-            The :class:`ProxySettings` (the data's own seed is ``proxy_seed``, fixed across
-            training seeds as a real dataset is).
+            The :class:`ProxySettings` (defaults there; ``proxy_size`` is its ``size``, and the
+            data's own seed is ``proxy_seed``, fixed across training seeds as a real dataset is).
         unbiased: The oracle: 50% of the training faces bias-conflicting (gender independent
             of age) instead of ``conflict_ratio``. ``valid``/``test`` are the same faces as
             in the biased proxy. Written to ``<root>_unbiased`` so that the biased proxy's
@@ -256,13 +256,13 @@ class FacesProxyDataModule(BFFHQDataModule):
     def __init__(
         self,
         root: str | None = None,
-        n_train: int = 3000,
-        n_valid: int = 400,
-        n_test: int = 600,
-        conflict_ratio: float = 0.005,
-        proxy_size: int = 64,
-        wrinkle_contrast: float = 0.9,
-        proxy_seed: int = 0,
+        n_train: int = ProxySettings.n_train,
+        n_valid: int = ProxySettings.n_valid,
+        n_test: int = ProxySettings.n_test,
+        conflict_ratio: float = ProxySettings.conflict_ratio,
+        proxy_size: int = ProxySettings.size,
+        wrinkle_contrast: float = ProxySettings.wrinkle_contrast,
+        proxy_seed: int = ProxySettings.seed,
         unbiased: bool = False,
         **kwargs: Any,
     ) -> None:

@@ -23,168 +23,48 @@ like every other datamodule.
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import hydra.utils
-import numpy as np
-import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from cdistill.errors import CdistillError, unknown_name
-from cdistill.robust.sampling import check_sampler
 from datamodules.biased_mnist import channel_stats
-from datamodules.loaders import SplitLoaders
+from datamodules.folder_files import (
+    MODES,
+    FolderDataset,
+    FolderRow,
+    image_tensor,
+    open_image,
+    parse_int,
+    read_csv,
+)
+from datamodules.loaders import SplitDataModule
 from datamodules.normalization import ChannelNormalization
-from datamodules.splits import make_generator
+from datamodules.splits import seeded_subset
 
+# The file readers were defined here first; their import path stays.
+__all__ = [
+    "COLUMN_ROLES", "KNOWN_SPLITS", "MODES", "REQUIRED_SPLITS", "FolderDataModule", "FolderDataset", "FolderRow",
+    "build_transform", "extra_split_name", "image_tensor", "open_image", "parse_int", "read_csv",
+]
 log = logging.getLogger(__name__)
 #: Roles of the metadata columns; ``data.columns.<role>`` names the column that holds each.
 COLUMN_ROLES = ("path", "label", "bias", "split")
 #: Splits the tasks need; every other name is an extra test split.
 REQUIRED_SPLITS = ("train", "val", "test")
 KNOWN_SPLITS = (*REQUIRED_SPLITS, "val_reversed")
-MODES = {1: "L", 3: "RGB"}
-
-
-class FolderRow(NamedTuple):
-    """One sample of the metadata: its image file, attributes, split, and where it was read
-    (for error messages, e.g. ``metadata.csv line 7``)."""
-
-    path: Path
-    label: int
-    bias: int
-    split: str
-    where: str
-
-
-def parse_int(value: str, column: str, where: str, allow_empty: bool = False) -> int:
-    """An integer cell (``"3"``, ``"3.0"``; empty -> -1 when ``allow_empty``).
-
-    Raises:
-        CdistillError: Naming the row, the column and the value.
-    """
-    text = value.strip()
-    if allow_empty and text == "":
-        return -1
-    try:
-        number = float(text)
-    except ValueError:
-        number = float("nan")
-    if not number.is_integer():
-        raise CdistillError(f"{where}: column {column!r} holds {value!r}, not an integer. Fix that row.")
-    return int(number)
-
-
-def read_csv(path: Path, required: Mapping[str, str]) -> tuple[list[dict[str, str]], list[str]]:
-    """Rows of a CSV file as dicts, checking that the ``required`` columns (role -> column name)
-    are in its header.
-
-    Returns:
-        ``(rows, where)``: the rows and, for each, ``"<file> line <n>"``.
-
-    Raises:
-        CdistillError: A missing file or a missing column (naming the present ones).
-    """
-    if not path.is_file():
-        raise CdistillError(f"Metadata file {str(path)!r} does not exist; check data.root and data.metadata.")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        reader.fieldnames = header
-        missing = {role: col for role, col in required.items() if col not in header}
-        if missing:
-            fixes = ", ".join(f"data.columns.{role}=<column>" for role in missing)
-            raise CdistillError(
-                f"{str(path)!r} has no column {', '.join(repr(c) for c in missing.values())} "
-                f"(columns: {header}). Add the column, or name the one to use with {fixes}."
-            )
-        rows = list(reader)
-    return rows, [f"{path.name} line {i + 2}" for i in range(len(rows))]
-
-
-def open_image(path: Path, where: str, mode: str, size: int) -> Image.Image:
-    """Read one image, converted to ``mode`` and resized to ``size`` x ``size`` (bilinear).
-
-    Raises:
-        CdistillError: An unreadable file, naming it and its metadata row.
-    """
-    try:
-        with Image.open(path) as im:
-            out = im.convert(mode)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise CdistillError(
-            f"Cannot read image {str(path)!r} ({where}): {err}. Replace the file or remove its row."
-        ) from err
-    if out.size != (size, size):
-        out = out.resize((size, size), Image.Resampling.BILINEAR)
-    return out
-
-
-def image_tensor(im: Image.Image) -> Tensor:
-    """``uint8 [C, H, W]`` from a Pillow image in mode ``L`` or ``RGB``."""
-    arr = np.asarray(im, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
 def extra_split_name(name: str) -> str:
     """The name a split is served under: the known ones as they are, any other prefixed with
     ``test_`` unless it starts with ``test`` already (e.g. ``ood`` -> ``test_ood``)."""
     return name if name in KNOWN_SPLITS or name.startswith("test") else f"test_{name}"
-
-
-class FolderDataset(Dataset[dict[str, Tensor]]):
-    """The rows of one split, read from disk on access and normalised.
-
-    Args:
-        rows: The split's samples.
-        image_size: Side every image is resized to.
-        channels: 1 or 3.
-        mean: ``float32 [C]`` per-channel mean (``[0, 1]`` units).
-        std: ``float32 [C]`` per-channel std.
-        transform: Applied to the ``uint8 [C, H, W]`` image before normalisation (augmentation,
-            train split only), or None.
-    """
-
-    def __init__(self, rows: Sequence[FolderRow], image_size: int, channels: int, mean: Tensor, std: Tensor,
-                 transform: Callable[[Tensor], Tensor] | None = None) -> None:
-        self.rows = list(rows)
-        self.image_size, self.mode = int(image_size), MODES[channels]
-        self.labels = torch.tensor([r.label for r in self.rows], dtype=torch.int64)
-        self.bias = torch.tensor([r.bias for r in self.rows], dtype=torch.int64)
-        self.mean = mean.to(torch.float32).view(-1, 1, 1)  # [C, 1, 1]: broadcasts over [C, H, W]
-        self.std = std.to(torch.float32).view(-1, 1, 1)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def files(self) -> list[Path]:
-        """The image file of each sample."""
-        return [r.path for r in self.rows]
-
-    def raw(self, index: int) -> Tensor:
-        """Image ``index`` as ``uint8 [C, image_size, image_size]`` (no augmentation)."""
-        row = self.rows[index]
-        return image_tensor(open_image(row.path, row.where, self.mode, self.image_size))
-
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        """``{"image": float32 [C, S, S], "label", "bias", "index": int64 []}``."""
-        image = self.raw(index)
-        if self.transform is not None:
-            image = self.transform(image)
-        x = (image.to(torch.float32) / 255.0 - self.mean) / self.std
-        return {"image": x, "label": self.labels[index], "bias": self.bias[index],
-                "index": torch.tensor(index, dtype=torch.int64)}
 
 
 def build_transform(augment: Sequence[Any] | None) -> Callable[[Tensor], Tensor] | None:
@@ -201,7 +81,7 @@ def build_transform(augment: Sequence[Any] | None) -> Callable[[Tensor], Tensor]
     return v2.Compose(steps)
 
 
-class FolderDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModule):
+class FolderDataModule(ChannelNormalization, SplitDataModule):
     """A biased dataset read from ``root`` and its metadata CSV (see the module docstring).
 
     Args:
@@ -224,14 +104,8 @@ class FolderDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModul
             image, as objects or Hydra configs; None for none.
         check_images: At setup, open every image's header, so an unreadable file fails before
             training rather than mid-epoch.
-        seed: Seeds the train order, the statistics subset and ``max_train_samples``.
-        batch_size: Train batch size (per process under DDP).
-        eval_batch_size: Batch size of the val/test loaders.
-        num_workers: DataLoader workers.
-        pin_memory: DataLoader ``pin_memory``.
-        max_train_samples: Cap on the train split (a seeded subset); None keeps all.
-        sampler: ``data.sampler``: None (a seeded shuffle), ``group_balanced`` or
-            ``class_balanced`` (:mod:`cdistill.robust.sampling`).
+        **loader: :class:`~datamodules.loaders.LoaderSettings` (``seed`` also seeds the
+            statistics subset; ``max_train_samples`` takes a seeded subset).
     """
 
     name: str = "folder"
@@ -251,17 +125,11 @@ class FolderDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModul
         stats_samples: int = 5000,
         augment: Sequence[Any] | None = None,
         check_images: bool = True,
-        seed: int = 0,
-        batch_size: int = 64,
-        eval_batch_size: int = 256,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        max_train_samples: int | None = None,
-        sampler: str | None = None,
+        **loader: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**loader)
         self.save_hyperparameters(ignore=["augment"])
-        self._check_settings(columns, num_classes, image_size, channels, batch_size, eval_batch_size, max_train_samples)
+        self._check_settings(columns, num_classes, image_size, channels)
         # A missing root fails when the data are first needed, so configs compose without one.
         self.root = Path(str(root)).expanduser() if root else None
         self.metadata = str(metadata)
@@ -274,12 +142,7 @@ class FolderDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModul
         self.stats_samples = int(stats_samples)
         self.transform = build_transform(augment)
         self.check_images = bool(check_images)
-        self.seed = int(seed)
-        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
-        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
-        self.max_train_samples = None if max_train_samples is None else int(max_train_samples)
         self.val_names: list[str] = ["val", "val_reversed"]
-        self.sampler = check_sampler(sampler)
         #: True when ``val_reversed`` is the conflicting part of ``val`` (no rows of its own in the
         #: metadata): a held-out set drawn from both then uses ``val`` alone.
         self.val_reversed_in_val = False
@@ -290,8 +153,7 @@ class FolderDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModul
 
     # ----------------------------------------------------------------- settings
     @staticmethod
-    def _check_settings(columns: Mapping[str, str] | None, num_classes: int, image_size: int, channels: int,
-                        batch_size: int, eval_batch_size: int, max_train_samples: int | None) -> None:
+    def _check_settings(columns: Mapping[str, str] | None, num_classes: int, image_size: int, channels: int) -> None:
         for role in dict(columns or {}):
             if role not in COLUMN_ROLES:
                 raise unknown_name("data.columns role", str(role), COLUMN_ROLES, "Use data.columns.<role>=<column>.")
@@ -301,10 +163,6 @@ class FolderDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModul
             raise CdistillError(f"data.num_classes={num_classes} must be >= 2.")
         if int(image_size) < 8:
             raise CdistillError(f"data.image_size={image_size} is too small; use 8 or more (e.g. 64 or 224).")
-        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
-                           ("max_train_samples", max_train_samples or 1)):
-            if int(value) < 1:
-                raise CdistillError(f"data.{key}={value} must be >= 1.")
 
     def _check_stats(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> tuple[Tensor, Tensor] | None:
         if (mean is None) != (std is None):
@@ -390,17 +248,15 @@ class FolderDataModule(SplitLoaders, ChannelNormalization, pl.LightningDataModul
     def _cap_train(self, train: list[FolderRow]) -> list[FolderRow]:
         if self.max_train_samples is None or self.max_train_samples >= len(train):
             return train
-        order = torch.randperm(len(train), generator=make_generator(self.seed, "folder", "cap"))
-        return [train[i] for i in sorted(order[: self.max_train_samples].tolist())]
+        return seeded_subset(train, self.max_train_samples, self.seed, "folder", "cap")
 
     def _stats(self, train: list[FolderRow]) -> tuple[Tensor, Tensor]:
         """Mean and std of (a seeded subset of at most ``stats_samples``) train images."""
         if self._given_stats is not None:
             return self._given_stats
-        order = torch.randperm(len(train), generator=make_generator(self.seed, "folder", "stats"))
-        keep = sorted(order[: self.stats_samples].tolist())
-        images = torch.stack([image_tensor(open_image(train[i].path, train[i].where, MODES[self.num_channels],
-                                                      self.image_size)) for i in keep])
+        keep = seeded_subset(train, self.stats_samples, self.seed, "folder", "stats")
+        images = torch.stack([image_tensor(open_image(row.path, row.where, MODES[self.num_channels], self.image_size))
+                              for row in keep])
         return channel_stats(images)
 
     def setup(self, stage: str | None = None) -> None:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from cdistill.concepts.glyphs import GLYPH_NAMES, GLYPH_SIZE, draw_glyphs
 from cdistill.errors import CdistillError
-from datamodules.biased_mnist import BIASED_SPLITS, BiasedMNISTDataModule, Rendered
+from datamodules.biased_mnist import BiasedMNISTDataModule, Rendered
 
 
 class MarkerMNISTDataModule(BiasedMNISTDataModule):
@@ -62,14 +62,9 @@ class MarkerMNISTDataModule(BiasedMNISTDataModule):
         self, split: str, digits: Tensor, labels: Tensor, generator: torch.Generator
     ) -> Rendered:
         """See :meth:`BiasedMNISTDataModule.render`; returns ``uint8 [N, 1, 28, 28]``."""
-        if split in BIASED_SPLITS:
-            glyph = self.cue_classes(split, labels)
-        elif split in ("val_reversed", "test"):
-            glyph = 9 - labels
-        elif split == "test_random_glyph":
-            glyph = torch.randint(0, len(GLYPH_NAMES), labels.shape, generator=generator)
-        else:
-            raise ValueError(f"unknown split {split!r}")
+        glyph = self.split_cue(split, labels, shifted=lambda: 9 - labels, extra={
+            "test_random_glyph": lambda: torch.randint(0, len(GLYPH_NAMES), labels.shape, generator=generator),
+        })
         images, corner = draw_glyphs(
             digits, glyph, generator, self.glyph_level, self.glyph_size, self.glyph_copies
         )

@@ -8,11 +8,15 @@ bitwise identical data without communicating.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from cdistill.errors import CdistillError
+
+T = TypeVar("T")
 
 
 def derive_seed(seed: int, *tags: str) -> int:
@@ -32,6 +36,13 @@ def derive_seed(seed: int, *tags: str) -> int:
 def make_generator(seed: int, *tags: str) -> torch.Generator:
     """A CPU ``torch.Generator`` seeded with :func:`derive_seed` of the arguments."""
     return torch.Generator().manual_seed(derive_seed(seed, *tags))
+
+
+def seeded_subset(items: Sequence[T], keep: int, seed: int, *tags: str) -> list[T]:
+    """``keep`` of ``items`` (all of them when ``keep >= len(items)``), drawn by one permutation
+    from :func:`make_generator` of ``(seed, *tags)`` and kept in their original order."""
+    order = torch.randperm(len(items), generator=make_generator(seed, *tags))
+    return [items[i] for i in sorted(order[:keep].tolist())]
 
 
 def check_fractions(fractions: dict[str, float]) -> None:

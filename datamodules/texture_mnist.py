@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from cdistill.concepts.textures import NUM_TEXTURES, make_textures
-from datamodules.biased_mnist import BIASED_SPLITS, BiasedMNISTDataModule, Rendered, alpha_fill
+from datamodules.biased_mnist import BiasedMNISTDataModule, Rendered, alpha_fill
 
 
 class TextureMNISTDataModule(BiasedMNISTDataModule):
@@ -32,10 +32,7 @@ class TextureMNISTDataModule(BiasedMNISTDataModule):
         self, split: str, digits: Tensor, labels: Tensor, generator: torch.Generator
     ) -> Rendered:
         """See :meth:`BiasedMNISTDataModule.render`; returns ``uint8 [N, 3, 28, 28]``."""
-        if split in BIASED_SPLITS:
-            texture = self.cue_classes(split, labels)
-        elif split in ("val_reversed", "test"):
-            texture = torch.randint(0, NUM_TEXTURES, (labels.numel(),), generator=generator)
-        else:
-            raise ValueError(f"unknown split {split!r}")
+        texture = self.split_cue(
+            split, labels, shifted=lambda: torch.randint(0, NUM_TEXTURES, (labels.numel(),), generator=generator)
+        )
         return Rendered(alpha_fill(digits, make_textures(), texture), texture, texture)

@@ -54,6 +54,7 @@ from cdistill.models.students import check_input_channels, check_input_size, cre
 from cdistill.objective.config import ConceptsConfig
 from cdistill.tasks.metrics import BiasGroupAccuracy
 from cdistill.utils.capture import eval_mode
+from cdistill.utils.datamodule import ImageData, SplitData
 from cdistill.utils.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class MeasureContext:
     """
 
     student: nn.Module
-    datamodule: Any
+    datamodule: ImageData
     cfg: DictConfig
     out: Path
     device: torch.device
@@ -84,7 +85,7 @@ MEASURES: Registry[Measure] = Registry("measure", "Set measure.measures to regis
 register_measure = MEASURES.register
 
 
-def eval_splits(datamodule: Any, names: Sequence[str] | None) -> list[str]:
+def eval_splits(datamodule: SplitData, names: Sequence[str] | None) -> list[str]:
     """``names``, or the datamodule's validation and test splits."""
     return list(names) if names else [*datamodule.val_names, *datamodule.test_names]
 
@@ -207,7 +208,7 @@ def reliance_layer(cfg: DictConfig) -> str:
                or cfg.model.get("layer") or "")
 
 
-def config_reliance(student: nn.Module, datamodule: Any, cfg: DictConfig, layer: str) -> Reliance:
+def config_reliance(student: nn.Module, datamodule: ImageData, cfg: DictConfig, layer: str) -> Reliance:
     """:func:`~cdistill.cli.reliance_report.reliance_report` of ``student`` at ``layer`` (resolved)
     with the config's ``model.concepts`` and ``measure.reliance`` settings (``split`` null: the
     datamodule's val and test splits). Used by this measure and by the pipeline."""
@@ -239,7 +240,7 @@ def measured_layer(ctx: MeasureContext, layer: str) -> str:
     return resolve_layer(ctx.student, layer)
 
 
-def build_student(cfg: DictConfig, datamodule: Any) -> nn.Module:
+def build_student(cfg: DictConfig, datamodule: SplitData) -> nn.Module:
     """The student to measure: ``measure.student`` (a name) with ``measure.ckpt``'s weights,
     else the config's ``model.student`` architecture with them."""
     ckpt = cfg.measure.get("ckpt")

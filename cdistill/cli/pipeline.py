@@ -68,6 +68,7 @@ from cdistill.errors import CdistillError, exit_on_error
 from cdistill.models.layers import is_auto, resolve_layer
 from cdistill.models.students import create_student
 from cdistill.objective.config import ConceptsConfig
+from cdistill.utils.datamodule import ImageData
 from cdistill.utils.formatting import format_mean_std, mean_std
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def distill_config(cfg: DictConfig, base_ckpt: str, out: Path) -> DictConfig:
     return cd
 
 
-def fix_auto_layer(cfg: DictConfig, datamodule: Any, base_ckpt: str, out: Path) -> DictConfig:
+def fix_auto_layer(cfg: DictConfig, datamodule: ImageData, base_ckpt: str, out: Path) -> DictConfig:
     """``cfg`` with ``model.layer=auto`` replaced by the layer the CAV scan of the base model
     chooses (written to ``<out>/layer_choice.json``); ``cfg`` itself otherwise."""
     choice = config_layer(cfg.model, datamodule, checkpoint=base_ckpt)
@@ -132,7 +133,7 @@ def ablation_key(cfg: DictConfig) -> tuple[bool, bool]:
     return cfg.model.get("teacher") is not None, cfg.model.form == "prototype"
 
 
-def bias_tcav(model: torch.nn.Module, cfg: DictConfig, datamodule: Any) -> dict[str, float]:
+def bias_tcav(model: torch.nn.Module, cfg: DictConfig, datamodule: ImageData) -> dict[str, float]:
     """TCAV of each class's bias concept (``pipeline.tcav.concept``, ``{y}`` = class) on the
     in-distribution validation images of that class, against the spec's random sets.
 
@@ -157,7 +158,7 @@ def _student(ckpt: str, cfg: DictConfig) -> torch.nn.Module:
     return create_student(**{**student_kw, "checkpoint_path": ckpt})
 
 
-def _tcav_of(ckpt: str, cfg: DictConfig, datamodule: Any) -> dict[str, float]:
+def _tcav_of(ckpt: str, cfg: DictConfig, datamodule: ImageData) -> dict[str, float]:
     return bias_tcav(_student(ckpt, cfg), cfg, datamodule)
 
 
@@ -177,7 +178,7 @@ def reliance_skip(cfg: DictConfig) -> str | None:
     return None
 
 
-def _reliance_of(ckpt: str, cfg: DictConfig, datamodule: Any, stage: str) -> tuple[dict[str, float], dict[str, Any]]:
+def _reliance_of(ckpt: str, cfg: DictConfig, datamodule: ImageData, stage: str) -> tuple[dict[str, float], dict[str, Any]]:
     """The reliance measures of one model (:func:`cdistill.cli.measure.config_reliance`, the
     ``reliance`` measure's code path): flat metrics and the plots' detail (JSON-friendly)."""
     student = _student(ckpt, cfg)

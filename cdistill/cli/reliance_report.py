@@ -46,6 +46,7 @@ from cdistill.concepts.layer_choice import MAX_IMAGES
 from cdistill.errors import CdistillError
 from cdistill.objective.cav_fitter import negative_rows
 from cdistill.objective.config import ConceptsConfig, ConceptTerm
+from cdistill.utils.datamodule import ImageData
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def bias_term(concepts: ConceptsConfig) -> ConceptTerm:
     )
 
 
-def bias_subspace(model: nn.Module, datamodule: Any, concepts: ConceptsConfig, layer: str,
+def bias_subspace(model: nn.Module, datamodule: ImageData, concepts: ConceptsConfig, layer: str,
                   num_classes: int, max_images: int | None = None) -> BiasSubspace:
     """Fit one CAV per value of the bias term at ``layer`` (see the module docstring).
 
@@ -101,7 +102,7 @@ def bias_subspace(model: nn.Module, datamodule: Any, concepts: ConceptsConfig, l
         raise CdistillError("The reliance measure needs the concept spec (model.concepts.spec).")
     term = bias_term(concepts)
     classes = list(term.classes) if term.classes is not None else list(range(num_classes))
-    kw = {"channels": datamodule.num_channels, "size": datamodule.image_size}
+    kw: dict[str, Any] = {"channels": datamodule.num_channels, "size": datamodule.image_size}
     with torch.random.fork_rng(devices=[]):
         sets = load_spec(concepts.spec, **kw)
         cap = MAX_IMAGES if max_images is None else int(max_images)
@@ -179,7 +180,7 @@ def pooled_agreement(parts: list[Agreement]) -> Agreement:
     return Agreement(successes / n, lo, hi, parts[0].chance, n, successes)
 
 
-def reliance_report(model: nn.Module, datamodule: Any, concepts: ConceptsConfig, layer: str, num_classes: int,
+def reliance_report(model: nn.Module, datamodule: ImageData, concepts: ConceptsConfig, layer: str, num_classes: int,
                     settings: Mapping[str, Any]) -> Reliance:
     """The ``reliance/*`` metrics of the module docstring and the detail the plots need.
 
@@ -236,7 +237,7 @@ def reliance_report(model: nn.Module, datamodule: Any, concepts: ConceptsConfig,
     return Reliance(out, detail)
 
 
-def reliance_metrics(model: nn.Module, datamodule: Any, concepts: ConceptsConfig, layer: str, num_classes: int,
+def reliance_metrics(model: nn.Module, datamodule: ImageData, concepts: ConceptsConfig, layer: str, num_classes: int,
                      settings: Mapping[str, Any]) -> dict[str, float]:
     """The flat ``reliance/*`` metrics of :func:`reliance_report` (arguments as there)."""
     return reliance_report(model, datamodule, concepts, layer, num_classes, settings).metrics

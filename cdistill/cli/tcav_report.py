@@ -14,7 +14,6 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -27,6 +26,7 @@ from cdistill.concepts.cav import DEFAULT_SOLVER
 from cdistill.concepts.tcav import benjamini_hochberg, holm, run_tcav
 from cdistill.errors import CdistillError
 from cdistill.utils.capture import collect_activations, eval_mode
+from cdistill.utils.datamodule import ImageData
 
 
 @dataclass
@@ -45,7 +45,7 @@ class ConceptScore:
 
 def tcav_table(
     model: nn.Module,
-    datamodule: Any,
+    datamodule: ImageData,
     spec: str,
     layer: str,
     concepts: Sequence[str],

@@ -28,6 +28,7 @@ from cdistill.errors import CdistillError, exit_on_error
 from cdistill.models.students import check_input_channels, check_input_size
 from cdistill.utils.checkpoint_files import check_resume_checkpoint
 from cdistill.utils.checkpointing import LastCheckpoint
+from cdistill.utils.datamodule import ImageData
 from cdistill.utils.resolvers import register_resolvers
 from cdistill.utils.resources import conf_dir
 
@@ -353,7 +354,7 @@ def _write_layer_choice(choice: LayerChoice, output_dir: str) -> None:
     (Path(output_dir) / LAYER_CHOICE_FILE).write_text(json.dumps(choice.to_dict(), indent=2))
 
 
-def with_auto_layer(cfg: DictConfig, datamodule: pl.LightningDataModule) -> DictConfig:
+def with_auto_layer(cfg: DictConfig, datamodule: ImageData) -> DictConfig:
     """``cfg`` with ``model.layer=auto`` replaced by the layer the CAV scan of the model training
     starts from chooses (:mod:`cdistill.concepts.layer_choice`), written to ``layer_choice.json``
     in the run directory; ``cfg`` itself when there is nothing to choose."""

@@ -47,6 +47,7 @@ from cdistill.errors import CdistillError
 from cdistill.models.layers import candidate_layers, is_auto
 from cdistill.models.students import first_conv
 from cdistill.objective.config import CAVConfig, ConceptsConfig, ConceptTerm
+from cdistill.utils.datamodule import ImageData
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -198,7 +199,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _stats(args: argparse.Namespace, loaded: Any, datamodule: Any, sets: dict[str, Tensor], channels: int) -> tuple[Tensor, Tensor]:
+def _stats(args: argparse.Namespace, loaded: Any, datamodule: ImageData | None, sets: dict[str, Tensor], channels: int) -> tuple[Tensor, Tensor]:
     """The normalisation of the concept images: ``--mean/--std``, else the datamodule's, else
     the checkpoint's stored statistics, else the concept images' own (printed)."""
     if args.mean is not None or args.std is not None:

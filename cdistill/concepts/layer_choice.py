@@ -53,6 +53,7 @@ from cdistill.models.layers import candidate_layers
 from cdistill.objective.cav_fitter import CAVGateError, negative_rows
 from cdistill.objective.config import CAVConfig, ConceptsConfig, ConceptTerm, term_name
 from cdistill.utils.capture import capture, eval_mode
+from cdistill.utils.datamodule import ImageData
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ def choose_layer(
 
 def auto_layer(
     model: nn.Module,
-    datamodule: Any,
+    datamodule: ImageData,
     concepts: ConceptsConfig | Mapping[str, Any],
     num_classes: int,
     *,
@@ -296,7 +297,7 @@ def auto_layer(
     if not cfg.spec:
         raise CdistillError("model.layer=auto needs the concept spec (model.concepts.spec) to choose the layer.")
     datamodule.setup("fit")  # idempotent in every cdistill datamodule
-    kw = {"channels": datamodule.num_channels, "size": datamodule.image_size}
+    kw: dict[str, Any] = {"channels": datamodule.num_channels, "size": datamodule.image_size}
     with torch.random.fork_rng(devices=[]):
         sets = load_spec(cfg.spec, **kw)
         inputs = {name: preprocess(x[:max_images], datamodule.normalize, **kw) for name, x in sets.items()}
@@ -307,7 +308,7 @@ def auto_layer(
     return choice
 
 
-def config_layer(model_cfg: Mapping[str, Any], datamodule: Any, checkpoint: str | None = None) -> LayerChoice | None:
+def config_layer(model_cfg: Mapping[str, Any], datamodule: ImageData, checkpoint: str | None = None) -> LayerChoice | None:
     """:func:`auto_layer` for a model config (``cfg.model``) before its module is built.
 
     The student is built from ``model_cfg["student"]`` with the weights training starts from

@@ -25,6 +25,7 @@ from cdistill.teacher.feature_cache import cached_tensors, fingerprint
 from cdistill.teacher.stage import cav_space, map_concept_sets
 from cdistill.utils.artefacts import broadcast_bank, broadcast_buffers
 from cdistill.utils.capture import capture, collect_activations, eval_mode
+from cdistill.utils.datamodule import ImageData
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class ConceptArtefactsMixin(ErasureMixin):
         bs = self.hparams["fit_batch_size"]
         return [images[i : i + bs].to(self.device) for i in range(0, len(images), bs)]
 
-    def concept_maps(self, datamodule: Any) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def concept_maps(self, datamodule: ImageData) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Images and student activations of every set in the concept spec, at ``layer``.
 
         Returns:
@@ -111,7 +112,7 @@ class ConceptArtefactsMixin(ErasureMixin):
         spec = self.concepts_cfg.spec
         if not spec:
             raise CdistillError("model.concepts.spec is not set: give the concept-set YAML spec.")
-        kw = {"channels": datamodule.num_channels, "size": datamodule.image_size}
+        kw: dict[str, Any] = {"channels": datamodule.num_channels, "size": datamodule.image_size}
         images = load_spec(spec, **kw)
         if self.cav_mode == "position":
             first = next(iter(images.values()))
@@ -137,7 +138,7 @@ class ConceptArtefactsMixin(ErasureMixin):
         blank = maps[BLANK][0] if BLANK in maps else None
         return concept_rows({k: v for k, v in maps.items() if k != BLANK}, self.concepts_cfg.cav, blank)
 
-    def concept_activations(self, datamodule: Any) -> dict[str, Tensor]:
+    def concept_activations(self, datamodule: ImageData) -> dict[str, Tensor]:
         """CAV training rows of every set in the concept spec, in student space (see :meth:`cav_rows`)."""
         return self.cav_rows(self.concept_maps(datamodule)[1])
 
@@ -176,7 +177,7 @@ class ConceptArtefactsMixin(ErasureMixin):
         return bank, index
 
     @torch.no_grad()
-    def fit_prototypes(self, datamodule: Any) -> Prototypes:
+    def fit_prototypes(self, datamodule: ImageData) -> Prototypes:
         """K-means (K = 1: class means) of the training activations at ``layer``."""
         fitter = PrototypeFitter(self.hparams["num_classes"], self.proto_cfg.k, seed=0)
         train = datamodule.split("train")
@@ -188,7 +189,7 @@ class ConceptArtefactsMixin(ErasureMixin):
                 fitter.update(store[self.layer], batch["label"].to(self.device))
         return fitter.compute()
 
-    def _fit_concept_cavs(self, datamodule: Any) -> None:
+    def _fit_concept_cavs(self, datamodule: ImageData) -> None:
         """Fit the CAVs (student space, then the teacher's when configured) and the signal CAVs
         (student space), each when its term is on, and log their figures."""
         images, maps = self.concept_maps(datamodule)
@@ -219,7 +220,7 @@ class ConceptArtefactsMixin(ErasureMixin):
         bank, index = self.signal_fitter.fit(lambda layer: acts)
         return bank.to(self.device), index.to(self.device)
 
-    def fit_artefacts(self, datamodule: Any) -> None:
+    def fit_artefacts(self, datamodule: ImageData) -> None:
         """Fit CAVs, prototypes and erasers on the current student, then make all ranks agree."""
         self.input_mean = datamodule.mean.to(self.device)
         self.input_std = datamodule.std.to(self.device)
@@ -232,7 +233,7 @@ class ConceptArtefactsMixin(ErasureMixin):
         self._broadcast_artefacts()
         self.artefacts_fitted = torch.tensor(True, device=self.device)
 
-    def refresh_cavs(self, datamodule: Any) -> None:
+    def refresh_cavs(self, datamodule: ImageData) -> None:
         """Refit the CAVs (and the signal CAVs) on the current student and blend them into the
         running ones; the concept images' activations are computed once for both."""
         rows: dict[str, Tensor] = {}
@@ -253,7 +254,7 @@ class ConceptArtefactsMixin(ErasureMixin):
             )
         self._broadcast_artefacts()
 
-    def refresh_prototypes(self, datamodule: Any) -> None:
+    def refresh_prototypes(self, datamodule: ImageData) -> None:
         """Blend prototypes fitted on the current student into the running ones."""
         self.prototypes.ema_update_(self.fit_prototypes(datamodule), float(self.proto_cfg.ema))
         self._broadcast_artefacts()

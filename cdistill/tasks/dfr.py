@@ -25,6 +25,7 @@ from cdistill.robust.supervision import Supervision
 from cdistill.tasks.classifier import to_plain
 from cdistill.tasks.group_robust import GroupRobustModule
 from cdistill.utils.capture import eval_mode
+from cdistill.utils.datamodule import attached_data
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class DFRModule(GroupRobustModule):
         return head
 
     def on_test_start(self) -> None:
-        dm = self.trainer.datamodule  # type: ignore[attr-defined]
+        dm = attached_data(self.trainer, self)
         names = ["val"] if getattr(dm, "val_reversed_in_val", False) else [n for n in ("val", "val_reversed")
                                                                            if n in dm.val_names]
         head = self.retrain_last_layer([dm.split(n) for n in names], int(getattr(dm, "eval_batch_size", 256)))

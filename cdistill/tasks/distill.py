@@ -63,6 +63,7 @@ from cdistill.tasks.concept_artefacts import BLANK
 from cdistill.tasks.probing import AdversarialProbeMixin, probe_values
 from cdistill.teacher.stage import check_teacher_config
 from cdistill.utils.capture import capture, resolve_module
+from cdistill.utils.datamodule import ImageData
 
 FORMS = ("prototype", "logit")
 __all__ = ["BLANK", "FORMS", "ConceptDistillModule", "term_name"]
@@ -344,7 +345,7 @@ class ConceptDistillModule(AdversarialProbeMixin):
         """A term that draws concept images is on: concept-only outputs, counterfactuals, probe."""
         return any(self.hparams.get(k, 0.0) > 0 for k in ("lambda_o", "lambda_s", "lambda_adv"))
 
-    def load_concept_images(self, datamodule: Any) -> None:
+    def load_concept_images(self, datamodule: ImageData) -> None:
         """Load the concept images of the output, counterfactual and probe terms (docs/methods.md
         §2.8-2.9, §2.12)."""
         sets, blank = load_image_sets(

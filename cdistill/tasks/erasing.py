@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +22,7 @@ from cdistill.erasure.hooks import (
 )
 from cdistill.objective.config import ErasureConfig
 from cdistill.tasks.classifier import ClassifierModule
+from cdistill.utils.datamodule import SplitData, SplitDataset
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class ErasureMixin(ClassifierModule):
     def erasure_specs(self) -> tuple[ErasureSpec, ...]:
         return self.erasure_cfg.specs if self.erasure_cfg is not None else ()
 
-    def fit_erasers(self, datamodule: Any) -> None:
+    def fit_erasers(self, datamodule: SplitData) -> None:
         """Fit the erasers on the whole train split with the current student.
 
         Under DDP with streaming methods (LEACE, orth) rank r streams samples r, r + W, ...
@@ -48,7 +48,7 @@ class ErasureMixin(ClassifierModule):
         Other methods keep activations in memory and fit on the whole split on every rank.
         Either way the task's broadcast then gives all ranks rank 0's buffers, bitwise.
         """
-        train = datamodule.split("train")
+        train: SplitDataset | torch.utils.data.Subset[dict[str, Tensor]] = datamodule.split("train")
         trainer = self._trainer
         world = trainer.world_size if trainer is not None else 1
         reduce: Callable[[LeaceFitter], object] | None = None
@@ -95,7 +95,7 @@ class ErasureMixin(ClassifierModule):
         if self.erasure_specs and bool(self.artefacts_fitted):
             self.log_dict(self.bias_probe(self.trainer.datamodule), sync_dist=False)  # type: ignore[attr-defined]
 
-    def bias_probe(self, datamodule: Any) -> dict[str, float]:
+    def bias_probe(self, datamodule: SplitData) -> dict[str, float]:
         """Held-out accuracy of a linear probe for the concept at each erased layer, with and
         without the erasers, on the ``val`` split (never used to fit them).
 

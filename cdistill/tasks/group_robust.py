@@ -30,6 +30,7 @@ from cdistill.robust.groups import (
 from cdistill.robust.losses import dro_update, group_sums
 from cdistill.robust.supervision import Supervision
 from cdistill.tasks.classifier import Batch, ClassifierModule, to_plain
+from cdistill.utils.datamodule import attached_data
 
 #: The keyword arguments of the plain classification task (what a method config may carry).
 CLASSIFIER_KEYS = tuple(p for p in inspect.signature(ClassifierModule.__init__).parameters if p != "self")
@@ -84,7 +85,7 @@ class GroupRobustModule(ClassifierModule):
         self.train_group_counts.copy_(group_counts(slots, self.num_slots).to(self.train_group_counts))
 
     def on_fit_start(self) -> None:
-        dm = self.trainer.datamodule  # type: ignore[attr-defined]
+        dm = attached_data(self.trainer, self)
         self.adopt_train_groups(train_groups(dm.split("train")))
 
 

@@ -47,6 +47,7 @@ from cdistill.tasks.classifier import EvalSplitsModule, to_plain
 from cdistill.tasks.iid_metrics import lmse, ls_scale, si_mse
 from cdistill.utils.artefacts import broadcast_bank, broadcast_buffers
 from cdistill.utils.capture import capture, collect_activations, resolve_module
+from cdistill.utils.datamodule import ConceptPairData, attached_concept_data
 
 log = logging.getLogger(__name__)
 Batch = Mapping[str, Tensor]
@@ -159,7 +160,7 @@ class IntrinsicModule(EvalSplitsModule):
         bank, index = self.cav_fitter.fit(lambda layer: self._activation_differences(pairs, layer))
         return bank, index[:, 0].to(self.cav_rows.device)
 
-    def _concept_pairs(self, datamodule: Any) -> dict[str, tuple[Tensor, Tensor]]:
+    def _concept_pairs(self, datamodule: ConceptPairData) -> dict[str, tuple[Tensor, Tensor]]:
         n = self.concepts_cfg.num_pairs or None
         return {k: (a.to(self.device), b.to(self.device)) for k, (a, b) in datamodule.concept_pairs(n).items()}
 
@@ -171,21 +172,21 @@ class IntrinsicModule(EvalSplitsModule):
         broadcast_buffers(self._trainer, [(self, "cav_rows")], self.device)
         self.artefacts_fitted = torch.tensor(True, device=self.device)
 
-    def fit_artefacts(self, datamodule: Any) -> None:
+    def fit_artefacts(self, datamodule: ConceptPairData) -> None:
         """Fit the CAVs on the current model, then give every rank rank 0's values."""
         self._set_cavs(*self.fit_cavs(self._concept_pairs(datamodule)))
 
     def on_fit_start(self) -> None:
         # CAVs restored from a checkpoint are kept: resuming must not refit them.
         if self.hparams["lambda_c"] > 0 and not bool(self.artefacts_fitted):
-            self.fit_artefacts(self.trainer.datamodule)  # type: ignore[attr-defined]
+            self.fit_artefacts(attached_concept_data(self.trainer, self))
 
     def refit(self) -> None:
         """Refit the CAVs on the current model (they replace the running ones, see
         :meth:`cdistill.objective.cav_fitter.CAVFitter.refresh`); when every CAV falls below the
         gate, keep the previous ones (warned) rather than stop training. Every rank holds the
         same weights and renders the same pairs, so all ranks take the same branch."""
-        dm = self.trainer.datamodule  # type: ignore[attr-defined]
+        dm = attached_concept_data(self.trainer, self)
         bank, rows = self.cav_fitter.refresh(
             self.cavs, self.cav_rows, lambda: self.fit_cavs(self._concept_pairs(dm)), when=f"at step {self.global_step}"
         )

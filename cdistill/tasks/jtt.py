@@ -31,6 +31,7 @@ from cdistill.robust.supervision import Supervision
 from cdistill.tasks.classifier import to_plain
 from cdistill.tasks.group_robust import GroupRobustModule
 from cdistill.utils.buffers import FittedBuffers
+from cdistill.utils.datamodule import attached_data
 
 log = logging.getLogger(__name__)
 #: The error set, in the run directory.
@@ -83,7 +84,7 @@ class JTTModule(FittedBuffers, GroupRobustModule):
         super().on_fit_start()
         if bool(self.jtt_identified):  # restored from a checkpoint: stage 1 is done
             return
-        dm = self.trainer.datamodule  # type: ignore[attr-defined]
+        dm = attached_data(self.trainer, self)
         train = dm.split("train")
         fdr = getattr(self.trainer, "fast_dev_run", False)
         max_batches = int(fdr) if fdr else None

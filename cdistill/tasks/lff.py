@@ -25,6 +25,7 @@ from cdistill.robust.supervision import Supervision
 from cdistill.tasks.classifier import Batch, to_plain
 from cdistill.tasks.group_robust import GroupRobustModule
 from cdistill.utils.buffers import FittedBuffers
+from cdistill.utils.datamodule import attached_data
 
 
 class LfFModule(FittedBuffers, GroupRobustModule):
@@ -63,7 +64,7 @@ class LfFModule(FittedBuffers, GroupRobustModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        dm = self.trainer.datamodule  # type: ignore[attr-defined]
+        dm = attached_data(self.trainer, self)
         self.size_buffers(len(train_groups(dm.split("train")).labels))
 
     def compute_losses(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -13,7 +13,6 @@ keeps the checkpoint's).
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import hydra.utils
 import torch
@@ -32,6 +31,7 @@ from cdistill.objective.concept_images import ConceptImageSet, ConceptImageTerms
 from cdistill.objective.config import ConceptTerm, ProbeConfig
 from cdistill.tasks.concept_artefacts import ConceptArtefactsMixin
 from cdistill.utils.capture import eval_mode
+from cdistill.utils.datamodule import SplitData
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class AdversarialProbeMixin(ConceptArtefactsMixin):
     probe_cfg: ProbeConfig
     image_terms: ConceptImageTerms | None
 
-    def prepare_probe(self, datamodule: Any) -> None:
+    def prepare_probe(self, datamodule: SplitData) -> None:
         """Size the probe for the layer's output on the data's images (``[ΣV, d]``); a no-op
         without a probe or at the right size. Runs the student to the layer on one blank image."""
         if self.probe is None:
