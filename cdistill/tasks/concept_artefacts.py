@@ -2,7 +2,8 @@
 training starts (in the pipeline, the biased base model) unless a checkpoint holds them: the
 CAV bank at ``layer`` (optionally fitted in a mapped teacher space, docs/methods.md §2.5), the
 class prototypes and the erasers. They are buffers: checkpoints carry them, ``.to(device)``
-moves them, and under DDP every rank holds rank 0's values (broadcast once after each fit)."""
+moves them, and under DDP every rank holds the same ones: rank 0's CAVs and erasers are broadcast
+after each fit, and the prototype fitter's centres already agree across ranks."""
 
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ BLANK = "__blank__"
 
 
 class ConceptArtefactsMixin(ErasureMixin):
-    """Fitting and broadcasting the artefacts (mixed into the distill task, which sets the
-    configs, ``layer``, ``cav_fitter`` and the buffers)."""
+    """Fitting and broadcasting the artefacts (mixed into the distill task, which sets ``cfg``,
+    ``layer``, ``cav_fitter`` and the buffers)."""
 
     layer: str
     cav_fitter: CAVFitter
