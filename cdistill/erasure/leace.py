@@ -72,17 +72,8 @@ class LeaceEraser(LowRankEraser):
     affine erasers, zeros otherwise). See :class:`LowRankEraser` for dtype handling.
     """
 
-    def __init__(
-        self,
-        proj_left: Tensor,
-        proj_right: Tensor,
-        bias: Tensor | None = None,
-        *,
-        method: str = "leace",
-        info: LeaceInfo | None = None,
-    ) -> None:
-        super().__init__(proj_left, proj_right, bias, method=method)
-        self.info = info
+    #: The fit's diagnostics (set by :meth:`LeaceFitter.build`; ``None`` for a bare eraser).
+    info: LeaceInfo | None = None
 
 
 class LeaceFitter(CrossMoments):
@@ -246,8 +237,9 @@ class LeaceFitter(CrossMoments):
         return self._eraser(whitener.unwhiten(u), whitener.whiten_t(u), bias, info)
 
     def _eraser(self, left: Tensor, right: Tensor, bias: Tensor, info: LeaceInfo) -> LeaceEraser:
-        method = self.method if self.affine else f"{self.method}-linear"
-        return LeaceEraser(left, right, bias, method=method, info=info)
+        eraser = LeaceEraser(left, right, bias, method=self.method if self.affine else f"{self.method}-linear")
+        eraser.info = info
+        return eraser
 
     @property
     def eraser(self) -> LeaceEraser:

@@ -225,11 +225,15 @@ class CrossMoments(nn.Module):
         n = self._need(1)
         return self.shift_z + self.sum_z / n
 
+    def _covariance(self, sum_aa: Tensor, sum_a: Tensor) -> Tensor:
+        """Unbiased covariance (divisor n - 1) from the sums of ``a a^T`` and ``a``, symmetrised."""
+        n = self._need(2)
+        c = sum_aa - torch.outer(sum_a, sum_a) / n
+        return (c + c.T) / (2 * (n - 1))
+
     def sigma_xx(self) -> Tensor:
         """``[d, d]`` unbiased covariance of x (divisor n - 1)."""
-        n = self._need(2)
-        c = self.sum_xx - torch.outer(self.sum_x, self.sum_x) / n
-        return (c + c.T) / (2 * (n - 1))
+        return self._covariance(self.sum_xx, self.sum_x)
 
     def sigma_xz(self) -> Tensor:
         """``[d, k]`` unbiased cross-covariance of x and z."""
@@ -238,9 +242,7 @@ class CrossMoments(nn.Module):
 
     def sigma_zz(self) -> Tensor:
         """``[k, k]`` unbiased covariance of z."""
-        n = self._need(2)
-        c = self.sum_zz - torch.outer(self.sum_z, self.sum_z) / n
-        return (c + c.T) / (2 * (n - 1))
+        return self._covariance(self.sum_zz, self.sum_z)
 
     def second_moment_x(self) -> Tensor:
         """``[d, d]`` uncentred second moment ``E[x x^T]`` (divisor n)."""

@@ -16,17 +16,9 @@ from torch import Tensor, nn
 
 from cdistill.concepts import load_spec, preprocess
 from cdistill.errors import CdistillError
+from cdistill.objective import counterfactual as cf
 from cdistill.objective.concept_outputs import output_divergence, sample_rows
 from cdistill.objective.config import ConceptTerm, OutputConfig
-from cdistill.objective.counterfactual import (
-    ShiftLayer,
-    affine,
-    foreground,
-    mapped,
-    shift,
-    transport,
-    value_means,
-)
 from cdistill.utils.capture import capture, resolve_module, stop_after
 
 #: The layer name of the image itself (a student without an ``input`` module is shifted in pixels).
@@ -96,7 +88,7 @@ def _shifted_forward(model: nn.Module, forward: Callable[[Tensor], Tensor], laye
     see :func:`_is_pixels`)."""
     if _is_pixels(model, layer):
         return forward(fn(x))
-    with mapped(resolve_module(model, layer), fn):
+    with cf.mapped(resolve_module(model, layer), fn):
         return forward(x)
 
 
@@ -117,18 +109,18 @@ def _counterfactual_map(mode: str, means: Tensor, own: Tensor, other: Tensor, ke
     if mode == "transport":
         if acts is None:
             raise ValueError("transport-mode counterfactuals need the samples' activations")
-        matrices, offsets = transport(means, own, other)
-        mask = foreground(acts, blank) * keep.view(-1, 1, 1, 1).to(acts.dtype)  # [B, 1, H, W]
+        matrices, offsets = cf.transport(means, own, other)
+        mask = cf.foreground(acts, blank) * keep.view(-1, 1, 1, 1).to(acts.dtype)  # [B, 1, H, W]
         return lambda a: a + mask * (torch.einsum("bcd,bdhw->bchw", matrices, a)
                                      + offsets[:, :, None, None] - a)
     if mode == "moments":
         if acts is None:
             raise ValueError("moments-mode counterfactuals need the samples' activations")
-        scale, delta = affine(means, own, other, acts, blank)
+        scale, delta = cf.affine(means, own, other, acts, blank)
         kept = keep.view(-1, 1, 1, 1).to(acts.dtype)
         scale, delta = 1 + (scale - 1) * kept, delta * kept
         return lambda a: a * scale + delta
-    delta = shift(means, own, other, mode, acts, blank)
+    delta = cf.shift(means, own, other, mode, acts, blank)
     delta = delta * keep.view(-1, *[1] * (delta.dim() - 1)).to(delta.dtype)
     return lambda a: a + delta
 
@@ -144,7 +136,7 @@ class ConceptImageTerms:
     """
 
     def __init__(self, sets: list[ConceptImageSet], blank: Tensor, cfg: OutputConfig,
-                 layers: Sequence[ShiftLayer]) -> None:
+                 layers: Sequence[cf.ShiftLayer]) -> None:
         self.sets, self.blank, self.cfg, self.layers = sets, blank, cfg, list(layers)
         #: The desensitized terms whose cue has several values: the counterfactual moves between them.
         self.shiftable = [s for s in sets if not s.sensitize and len(s.values) > 1]
@@ -222,7 +214,7 @@ class ConceptImageTerms:
             for sl in self.layers:
                 chunks = acts[sl.layer]
                 blank = chunks[-1]
-                means = value_means(chunks[starts[id(s)] : starts[id(s)] + len(s.values)], blank, sl.mode)
+                means = cf.value_means(chunks[starts[id(s)] : starts[id(s)] + len(s.values)], blank, sl.mode)
                 logits = _shifted_forward(model, forward, sl.layer, x,
                                           _counterfactual_map(sl.mode, means, own, other, keep, here.get(sl.layer), blank))
                 total = total + F.cross_entropy(logits[keep], y[keep])

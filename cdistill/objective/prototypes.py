@@ -119,15 +119,17 @@ class Prototypes(FittedBuffers):
 
     @property
     def num_classes(self) -> int:
-        return int(self.centers.shape[0])
+        return self.centers.shape[0]
 
     @property
     def k(self) -> int:
-        return int(self.centers.shape[1])
+        """Centres per class ``K``."""
+        return self.centers.shape[1]
 
     @property
     def dim(self) -> int:
-        return int(self.centers.shape[2])
+        """Dimension ``d`` of the flattened activations."""
+        return self.centers.shape[2]
 
     def _check(self) -> None:
         if not self.fitted:
@@ -234,11 +236,8 @@ class PrototypeFitter:
     ) -> None:
         if num_classes < 1 or K < 1:
             raise CdistillError(f"Need num_classes >= 1 and K >= 1, got {num_classes}, {K}.")
-        self.num_classes = num_classes
-        self.K = K
-        self.max_per_class = max_per_class
-        self.seed = seed
-        self.max_iter = max_iter
+        self.num_classes, self.K = num_classes, K
+        self.max_per_class, self.seed, self.max_iter = max_per_class, seed, max_iter
         self.reset()
 
     def reset(self) -> None:

@@ -2,7 +2,8 @@
 training starts (in the pipeline, the biased base model) unless a checkpoint holds them: the
 CAV bank at ``layer`` (optionally fitted in a mapped teacher space, docs/methods.md §2.5), the
 class prototypes and the erasers. They are buffers: checkpoints carry them, ``.to(device)``
-moves them, and under DDP rank 0's values are broadcast so every rank holds identical ones."""
+moves them, and under DDP every rank holds the same ones: rank 0's CAVs and erasers are broadcast
+after each fit, and the prototype fitter's centres already agree across ranks."""
 
 from __future__ import annotations
 
@@ -18,11 +19,10 @@ from cdistill.concepts.cav import CAVBank
 from cdistill.errors import CdistillError
 from cdistill.models.students import first_conv
 from cdistill.objective.cav_fitter import CAVFitter, concept_rows
-from cdistill.objective.config import ConceptsConfig, PrototypeConfig
 from cdistill.objective.prototypes import PrototypeFitter, Prototypes
 from cdistill.tasks.erasing import ErasureMixin
 from cdistill.teacher.feature_cache import cached_tensors, fingerprint
-from cdistill.teacher.stage import cav_space, map_concept_sets
+from cdistill.teacher.stage import map_concept_sets
 from cdistill.utils.artefacts import broadcast_bank, broadcast_buffers
 from cdistill.utils.capture import capture, collect_activations, eval_mode
 from cdistill.utils.datamodule import ImageData
@@ -34,13 +34,10 @@ BLANK = "__blank__"
 
 
 class ConceptArtefactsMixin(ErasureMixin):
-    """Fitting and broadcasting the artefacts (mixed into the distill task, which sets the
-    configs, ``layer``, ``cav_fitter`` and the buffers)."""
+    """Fitting and broadcasting the artefacts (mixed into the distill task, which sets ``cfg``,
+    ``layer``, ``cav_fitter`` and the buffers)."""
 
     layer: str
-    concepts_cfg: ConceptsConfig
-    proto_cfg: PrototypeConfig
-    teacher_cfg: dict[str, Any] | None
     cav_fitter: CAVFitter
     cavs: CAVBank
     prototypes: Prototypes
@@ -56,7 +53,7 @@ class ConceptArtefactsMixin(ErasureMixin):
 
     def _register_artefact_buffers(self) -> None:
         """The CAV index, the terms' weights and directions, the pixel statistics and the fitted flag."""
-        terms = self.concepts_cfg.terms
+        terms = self.cfg.concepts.terms
         self.register_buffer("cav_index", torch.full((len(terms), self.hparams["num_classes"]), -1, dtype=torch.long))
         self.register_buffer("term_weights", torch.tensor([float(t.weight) for t in terms]))
         self.register_buffer("sensitize", torch.tensor([t.direction == "sensitize" for t in terms], dtype=torch.bool))
@@ -81,20 +78,20 @@ class ConceptArtefactsMixin(ErasureMixin):
 
     @property
     def needs_cavs(self) -> bool:
-        return self.hparams["lambda_c"] > 0
+        return self.cfg.on("lambda_c")
 
     @property
     def needs_signal_cavs(self) -> bool:
-        return self.hparams.get("lambda_rr", 0.0) > 0
+        return self.cfg.on("lambda_rr")
 
     @property
     def needs_prototypes(self) -> bool:
-        return self.hparams["lambda_p"] > 0 or (self.needs_cavs and self.hparams["form"] == "prototype")
+        return self.cfg.on("lambda_p") or (self.needs_cavs and self.cfg.form == "prototype")
 
     @property
     def cav_mode(self) -> str:
         """``flatten`` or ``position`` (see :class:`~cdistill.objective.config.CAVConfig`)."""
-        return self.concepts_cfg.cav.cav_mode
+        return self.cfg.concepts.cav.cav_mode
 
     def _loader(self, images: Tensor) -> list[Tensor]:
         bs = self.hparams["fit_batch_size"]
@@ -109,7 +106,7 @@ class ConceptArtefactsMixin(ErasureMixin):
             under :data:`BLANK` (the reference for :func:`cdistill.concepts.cav.position_rows`). With a
             teacher the activations are cached on disk (see :mod:`cdistill.teacher.feature_cache`).
         """
-        spec = self.concepts_cfg.spec
+        spec = self.cfg.concepts.spec
         if not spec:
             raise CdistillError("model.concepts.spec is not set: give the concept-set YAML spec.")
         kw: dict[str, Any] = {"channels": datamodule.num_channels, "size": datamodule.image_size}
@@ -126,17 +123,17 @@ class ConceptArtefactsMixin(ErasureMixin):
                 for name, x in images.items()
             }
 
-        if self.teacher_cfg is None:
+        if self.cfg.teacher is None:
             return images, compute()
         key = fingerprint(self.student, self.layer, images, datamodule.mean, datamodule.std, kw)
-        maps = cached_tensors(self.teacher_cfg.get("cache_dir"), "student", key, compute)
+        maps = cached_tensors(self.cfg.teacher.cache_dir, "student", key, compute)
         return images, {k: v.to(self.device) for k, v in maps.items()}
 
     def cav_rows(self, maps: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """CAV training rows of every set from its activations (see :meth:`concept_maps` and
         :func:`cdistill.objective.cav_fitter.concept_rows`)."""
         blank = maps[BLANK][0] if BLANK in maps else None
-        return concept_rows({k: v for k, v in maps.items() if k != BLANK}, self.concepts_cfg.cav, blank)
+        return concept_rows({k: v for k, v in maps.items() if k != BLANK}, self.cfg.concepts.cav, blank)
 
     def concept_activations(self, datamodule: ImageData) -> dict[str, Tensor]:
         """CAV training rows of every set in the concept spec, in student space (see :meth:`cav_rows`)."""
@@ -157,7 +154,7 @@ class ConceptArtefactsMixin(ErasureMixin):
         (``cav/acc_student``, ``cav/acc_teacher``, ``cav/acc_<space>/<concept>``) and the
         mapping's ``L_map`` terms (``teacher/map_*``).
         """
-        cfg = self.teacher_cfg
+        cfg = self.cfg.teacher
         assert cfg is not None
         stage = map_concept_sets(cfg, images, maps, exclude=(BLANK,))
         t_bank, t_index = self.fit_cavs(self.cav_rows({k: v.to(self.device) for k, v in stage.mapped.items()}))
@@ -171,15 +168,15 @@ class ConceptArtefactsMixin(ErasureMixin):
             for row in stage.fit.history:
                 lg.log_metrics({f"teacher/map_{k}": v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
         log.info("CAV held-out accuracy, student space %.3f vs mapped teacher space %.3f; using %s space",
-                 m["cav/acc_student"], m["cav/acc_teacher"], cav_space(cfg))
-        if cav_space(cfg) == "teacher":
+                 m["cav/acc_student"], m["cav/acc_teacher"], cfg.cav_space)
+        if cfg.cav_space == "teacher":
             return t_bank, t_index
         return bank, index
 
     @torch.no_grad()
     def fit_prototypes(self, datamodule: ImageData) -> Prototypes:
         """K-means (K = 1: class means) of the training activations at ``layer``."""
-        fitter = PrototypeFitter(self.hparams["num_classes"], self.proto_cfg.k, seed=0)
+        fitter = PrototypeFitter(self.hparams["num_classes"], self.cfg.prototypes.k, seed=0)
         train = datamodule.split("train")
         loader = torch.utils.data.DataLoader(train, batch_size=self.hparams["fit_batch_size"], shuffle=False)
         with eval_mode(self.student):
@@ -198,7 +195,7 @@ class ConceptArtefactsMixin(ErasureMixin):
         if self.needs_cavs:
             bank, index = self.fit_cavs(rows)
             self.artefact_metrics["cav/acc_student"] = float(bank.accuracies.mean())
-            if self.teacher_cfg is not None:
+            if self.cfg.teacher is not None:
                 bank, index = self._teacher_cavs(images, maps, bank, index)
             self.cavs = bank.to(self.device)
             self.cav_index = index
@@ -256,13 +253,16 @@ class ConceptArtefactsMixin(ErasureMixin):
 
     def refresh_prototypes(self, datamodule: ImageData) -> None:
         """Blend prototypes fitted on the current student into the running ones."""
-        self.prototypes.ema_update_(self.fit_prototypes(datamodule), float(self.proto_cfg.ema))
+        self.prototypes.ema_update_(self.fit_prototypes(datamodule), float(self.cfg.prototypes.ema))
         self._broadcast_artefacts()
 
     def _broadcast_artefacts(self) -> None:
-        """Give every rank rank 0's CAVs, prototypes and erasers (no-op without DDP)."""
+        """Give every rank rank 0's CAVs and erasers (no-op without DDP). The prototypes need no
+        broadcast: :class:`~cdistill.objective.prototypes.PrototypeFitter` already gives every rank
+        the same centres (sums reduced over ranks, or rank 0's K-means centres), and a refresh
+        blends identical centres into identical ones."""
         broadcast_bank(self._trainer, self.cavs, self.device)
-        owners: list[tuple[nn.Module, str]] = [(self.prototypes, "centers"), (self, "cav_index")]
+        owners: list[tuple[nn.Module, str]] = [(self, "cav_index")]
         if self.signal_cavs is not None:
             broadcast_bank(self._trainer, self.signal_cavs, self.device)
             owners.append((self, "signal_cav_index"))

@@ -20,7 +20,7 @@ from cdistill.erasure.hooks import (
     eraser_key,
     fit_layer_erasers,
 )
-from cdistill.objective.config import ErasureConfig
+from cdistill.objective.distill_config import DistillConfig
 from cdistill.tasks.classifier import ClassifierModule
 from cdistill.utils.datamodule import SplitData, SplitDataset
 
@@ -29,15 +29,16 @@ log = logging.getLogger(__name__)
 
 class ErasureMixin(ClassifierModule):
     """Erasers of a :class:`ClassifierModule` (mixed into the distill task, which sets
-    ``erasure_cfg``, ``erasers`` and ``artefacts_fitted``)."""
+    ``cfg``, ``erasers`` and ``artefacts_fitted``)."""
 
-    erasure_cfg: ErasureConfig | None
+    #: The task's settings (``cfg.erasure``: ``None``, no erasers).
+    cfg: DistillConfig
     erasers: nn.ModuleDict
     artefacts_fitted: Tensor
 
     @property
     def erasure_specs(self) -> tuple[ErasureSpec, ...]:
-        return self.erasure_cfg.specs if self.erasure_cfg is not None else ()
+        return self.cfg.erasure.specs if self.cfg.erasure is not None else ()
 
     def fit_erasers(self, datamodule: SplitData) -> None:
         """Fit the erasers on the whole train split with the current student.
@@ -69,9 +70,9 @@ class ErasureMixin(ClassifierModule):
         and the test see erasers fitted on the weights they evaluate. (The student keeps
         training under a frozen eraser and moves the concept into directions it does not
         touch: without refits a probe after fine-tuning finds the concept again.)"""
-        if self.erasure_cfg is None:
+        if self.cfg.erasure is None:
             return False
-        every = self.erasure_cfg.refit
+        every = self.cfg.erasure.refit
         if every.step_due(step):
             return True
         trainer = self._trainer

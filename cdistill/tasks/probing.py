@@ -28,7 +28,7 @@ from cdistill.objective.adversarial_probe import (
     probed_sets,
 )
 from cdistill.objective.concept_images import ConceptImageSet, ConceptImageTerms
-from cdistill.objective.config import ConceptTerm, ProbeConfig
+from cdistill.objective.config import ConceptTerm
 from cdistill.tasks.concept_artefacts import ConceptArtefactsMixin
 from cdistill.utils.capture import eval_mode
 from cdistill.utils.datamodule import SplitData
@@ -51,11 +51,10 @@ def probe_values(terms: tuple[ConceptTerm, ...], num_classes: int) -> list[int]:
 
 
 class AdversarialProbeMixin(ConceptArtefactsMixin):
-    """The probe's plumbing (mixed into the distill task, which sets ``probe``, ``probe_cfg``,
-    ``image_terms`` and ``layer``)."""
+    """The probe's plumbing (mixed into the distill task, which sets ``probe``, ``cfg``
+    (``cfg.probe``), ``image_terms`` and ``layer``)."""
 
     probe: ConceptProbe | None
-    probe_cfg: ProbeConfig
     image_terms: ConceptImageTerms | None
 
     def prepare_probe(self, datamodule: SplitData) -> None:
@@ -88,7 +87,7 @@ class AdversarialProbeMixin(ConceptArtefactsMixin):
         with torch.no_grad(), eval_mode(self.student):
             feats = [[torch.cat([self._features(v[i : i + bs]) for i in range(0, len(v), bs)]) for v in s.values]
                      for s in self.probed]
-        cfg = self.probe_cfg
+        cfg = self.cfg.probe
         acc = fit_probe(self.probe, feats, cfg.warm_steps, cfg.warm_lr, cfg.smoothing)
         self.artefact_metrics["probe/acc_start"] = acc
         log.info("adversarial probe at %s fitted on the starting model: accuracy %.3f", self.layer, acc)
@@ -98,16 +97,16 @@ class AdversarialProbeMixin(ConceptArtefactsMixin):
     def probe_losses(self) -> ProbeStep:
         """This step's probe game on freshly drawn concept images (the task's generator)."""
         assert self.probe is not None
-        return probe_step(self.probe, self.probed, self._features, self.probe_cfg.per_set, self.rng,
-                          self.probe_cfg.smoothing)
+        return probe_step(self.probe, self.probed, self._features, self.cfg.probe.per_set, self.rng,
+                          self.cfg.probe.smoothing)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The configured optimizer; with ``model.probe.lr`` the probe's parameters are a param
         group of their own at that learning rate (other settings: the optimizer's defaults)."""
-        if self.probe is None or self.probe_cfg.lr is None:
+        if self.probe is None or self.cfg.probe.lr is None:
             return super().build_optimizer()
         own = {id(p) for p in self.probe.parameters()}
         rest = [p for p in self.parameters() if id(p) not in own]
         opt: torch.optim.Optimizer = hydra.utils.instantiate(self.hparams["optimizer"], params=rest)
-        opt.add_param_group({"params": list(self.probe.parameters()), "lr": float(self.probe_cfg.lr)})
+        opt.add_param_group({"params": list(self.probe.parameters()), "lr": float(self.cfg.probe.lr)})
         return opt

@@ -95,12 +95,9 @@ class Teacher(nn.Module):
                 "input channels; fix model.teacher.mean / model.teacher.std."
             )
         self.model = model
-        self.layer = layer
-        self.image_size = image_size
-        self.in_chans = in_chans
-        self.resize = resize
-        self.prefix_tokens = prefix_tokens
-        self.name = name
+        self.name, self.layer = name, layer
+        # How images are prepared for the model and its output read (see features()).
+        self.image_size, self.in_chans, self.resize, self.prefix_tokens = image_size, in_chans, resize, prefix_tokens
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.requires_grad_(False)

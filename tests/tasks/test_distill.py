@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -161,5 +162,5 @@ def test_prototype_form_at_a_parameterless_layer_is_an_error(dm: ColorMNISTDataM
     module.fit_artefacts(dm)
     with pytest.raises(CdistillError, match=r"form=prototype at layer 'input'.*form=logit"):
         module.compute_losses(_batch(dm))
-    module.hparams["form"] = "logit"
+    module.cfg = dataclasses.replace(module.cfg, form="logit")
     assert torch.isfinite(module.compute_losses(_batch(dm))["concept"])

@@ -195,17 +195,17 @@ def test_random_draws_come_from_the_checkpointed_generator(make_cfg: MakeCfg) ->
     model.on_save_checkpoint(ckpt)
     labels, images = torch.zeros(32, dtype=torch.long), torch.rand(4, 3, 28, 28)
     before = torch.get_rng_state()
-    drawn, target = model._logit_target(labels, 10)
-    mask = model._local_mask(images)
+    drawn, target = model.objective.logit_target(model, labels, 10)
+    mask = model.objective.local_mask(model, images)
     assert target == "logit" and torch.equal(torch.get_rng_state(), before)  # the global RNG is untouched
 
     torch.manual_seed(1)
     fresh = instantiate(make_cfg("experiment=color_mnist/cd_best").model)
-    assert not torch.equal(fresh._logit_target(labels, 10)[0], drawn)
+    assert not torch.equal(fresh.objective.logit_target(fresh, labels, 10)[0], drawn)
     fresh.on_load_checkpoint(torch.load(_saved(ckpt), weights_only=True))
     assert fresh.artefact_metrics == {"cav/acc_student": 0.75}
-    assert torch.equal(fresh._logit_target(labels, 10)[0], drawn)
-    assert torch.equal(fresh._local_mask(images), mask)
+    assert torch.equal(fresh.objective.logit_target(fresh, labels, 10)[0], drawn)
+    assert torch.equal(fresh.objective.local_mask(fresh, images), mask)
 
 
 def _saved(obj: dict) -> io.BytesIO:
