@@ -46,7 +46,7 @@ from cdistill.tasks.classifier import Batch
 from cdistill.tasks.concept_artefacts import BLANK
 from cdistill.tasks.probing import AdversarialProbeMixin, probe_values
 from cdistill.utils.capture import capture, resolve_module
-from cdistill.utils.datamodule import ImageData
+from cdistill.utils.datamodule import ImageData, attached_image_data
 
 __all__ = ["BLANK", "FORMS", "ConceptDistillModule", "term_name"]
 
@@ -131,28 +131,28 @@ class ConceptDistillModule(AdversarialProbeMixin):
         super().setup(stage)
         if stage == "fit":
             # Before the optimizer is built and a resumed checkpoint is loaded into the probe.
-            self.prepare_probe(self.trainer.datamodule)  # type: ignore[attr-defined]
+            self.prepare_probe(attached_image_data(self.trainer, self))
 
     def on_fit_start(self) -> None:
         # Artefacts restored from a checkpoint are kept: resuming must not refit them.
         fresh = not bool(self.artefacts_fitted)
         if fresh:
-            self.fit_artefacts(self.trainer.datamodule)  # type: ignore[attr-defined]
+            self.fit_artefacts(attached_image_data(self.trainer, self))
         if self.uses_concept_images and self.image_terms is None:
             # Derived from the spec (seeded), never checkpointed: a resumed run rebuilds them.
-            self.load_concept_images(self.trainer.datamodule)  # type: ignore[attr-defined]
+            self.load_concept_images(attached_image_data(self.trainer, self))
         if fresh and self.probe is not None:  # a resumed run keeps the checkpoint's probe
             self.warm_probe()
 
     def on_train_epoch_start(self) -> None:
-        dm, epoch = self.trainer.datamodule, self.current_epoch  # type: ignore[attr-defined]
+        dm, epoch = attached_image_data(self.trainer, self), self.current_epoch
         if self.needs_prototypes and self.cfg.prototypes.refresh.epoch_due(epoch):
             self.refresh_prototypes(dm)
         if (self.needs_cavs or self.needs_signal_cavs) and self.cfg.concepts.cav.refresh.epoch_due(epoch):
             self.refresh_cavs(dm)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        dm = self.trainer.datamodule  # type: ignore[attr-defined]
+        dm = attached_image_data(self.trainer, self)
         if self.erasure_specs and self._refit_due(self.global_step, batch_idx):
             self.fit_erasers(dm)
             self._broadcast_artefacts()

@@ -22,7 +22,7 @@ from cdistill.erasure.hooks import (
 )
 from cdistill.objective.distill_config import DistillConfig
 from cdistill.tasks.classifier import ClassifierModule
-from cdistill.utils.datamodule import SplitData, SplitDataset
+from cdistill.utils.datamodule import SplitData, SplitDataset, attached_data
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class ErasureMixin(ClassifierModule):
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
         if self.erasure_specs and bool(self.artefacts_fitted):
-            self.log_dict(self.bias_probe(self.trainer.datamodule), sync_dist=False)  # type: ignore[attr-defined]
+            self.log_dict(self.bias_probe(attached_data(self.trainer, self)), sync_dist=False)
 
     def bias_probe(self, datamodule: SplitData) -> dict[str, float]:
         """Held-out accuracy of a linear probe for the concept at each erased layer, with and

@@ -117,6 +117,15 @@ def attached_data(trainer: object, task: object) -> SplitData:
     return cast(SplitData, _attached(trainer, task))
 
 
+def attached_image_data(trainer: object, task: object) -> ImageData:
+    """Like :func:`attached_data`, for a task that reads images (normalisation, channels, size).
+
+    Raises:
+        CdistillError: The trainer runs on bare dataloaders, without a datamodule.
+    """
+    return cast(ImageData, _attached(trainer, task))
+
+
 def attached_concept_data(trainer: object, task: object) -> ConceptPairData:
     """Like :func:`attached_data`, for a task that needs :meth:`ConceptPairData.concept_pairs`.
 

@@ -94,7 +94,7 @@ def test_mnist_cnn_names_the_expected_size() -> None:
 
 def test_train_refuses_data_of_another_size_before_training(make_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
     from cdistill.cli.train import train
-    from tests.test_folder import write_dataset
+    from tests.datamodules.test_folder import write_dataset
 
     root = write_dataset(tmp_path / "ds")
     cfg = make_cfg("experiment=color_mnist/baseline", "data=folder", f"data.root={root}", "data.image_size=32",

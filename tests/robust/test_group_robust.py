@@ -298,7 +298,7 @@ def test_concept_methods_declare_concept_images(make_cfg: MakeCfg) -> None:
 @pytest.mark.slow
 def test_sigkill_resume_is_exact_group_dro(tmp_path: Path) -> None:
     """The group weights are a buffer: a run killed mid-epoch and resumed logs the same weights."""
-    from test_resume import _TINY, kill_and_resume
+    from tests.tasks.test_resume import _TINY, kill_and_resume
 
     full, resumed, _ = kill_and_resume(
         tmp_path, ["experiment=color_mnist/baseline", "method=group_dro", "data.conflicting_fraction=0.2", *_TINY], 6,

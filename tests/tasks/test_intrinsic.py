@@ -181,7 +181,7 @@ def test_bad_protocol_is_a_clear_error(make_cfg: MakeCfg) -> None:
 @pytest.mark.slow
 @pytest.mark.core
 def test_iid_cd_under_ddp_sim(tmp_path: Path) -> None:
-    from tests.test_train import run_cli
+    from tests.cli.test_train import run_cli
 
     res = run_cli(["experiment=iid/cd", "trainer=ddp_sim", "debug=limit", "data.max_train_samples=64",
                    "data.num_val=16", "data.num_test=16", "data.num_concept_pairs=32", "data.image_size=16",
