@@ -34,7 +34,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cdistill.causal import CausalBasis, extract_causal_bases
-from cdistill.causal import basis as basis_module
+from cdistill.causal.energy import Energy
 
 
 class _Counts:
@@ -43,7 +43,7 @@ class _Counts:
     def __init__(self) -> None:
         self.loss_and_grad = 0
         self.energy = 0
-        energy_class = basis_module._Energy
+        energy_class = Energy
         self._originals = (energy_class.loss_and_grad, energy_class.energy)
 
         def loss_and_grad(obj: Any, *args: Any) -> Tensor:
@@ -58,7 +58,7 @@ class _Counts:
         energy_class.energy = energy  # type: ignore[method-assign]
 
     def restore(self) -> None:
-        basis_module._Energy.loss_and_grad, basis_module._Energy.energy = self._originals  # type: ignore[method-assign]
+        Energy.loss_and_grad, Energy.energy = self._originals  # type: ignore[method-assign]
 
 
 def _run(model: nn.Module, batches: list[Tensor], args: argparse.Namespace, tail: bool) -> CausalBasis:

@@ -35,19 +35,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cdistill.cli.entry import hydra_entry
 from cdistill.cli.reliance_plots import plot_agreement, plot_spectrum
 from cdistill.cli.reliance_report import Reliance, reliance_report
 from cdistill.cli.tcav_report import plot_tcav, summary, tcav_table
-from cdistill.cli.train import CONF_DIR, instantiate
+from cdistill.cli.train import instantiate
 from cdistill.concepts.layer_choice import LayerChoiceError, auto_layer, recorded_layer
-from cdistill.errors import CdistillError, exit_on_error
+from cdistill.errors import CdistillError
 from cdistill.models.layers import is_auto, resolve_layer
 from cdistill.models.load import load_student, resolve_weights
 from cdistill.models.students import check_input_channels, check_input_size, create_student
@@ -298,11 +298,7 @@ def run_measure(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-@exit_on_error
-def main(cfg: DictConfig) -> None:
-    """Console entry point: ``cdistill-measure experiment=... measure.ckpt=<student>``."""
-    run_measure(cfg)
+main = hydra_entry(run_measure, "Console entry point: ``cdistill-measure experiment=... measure.ckpt=<student>``.")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ Then it prints the summary (mean ± std over seeds), writes ``pipeline.md``, ``p
 and ``pipeline.json`` in the run directory (with ``reliance_spectrum.png`` and
 ``reliance_agreement.png``, :mod:`cdistill.cli.reliance_plots`), and logs the summary
 (``<stage>/<key>``, e.g. ``cd/paper/test/acc``, and ``<stage>/<key>_std``; the plots to wandb)
-to the configured loggers. The report warns in plain words when the concept loss is satisfied
+to the configured loggers (the summary tables: :mod:`cdistill.cli.pipeline_report`). The report warns in plain words when the concept loss is satisfied
 but bias-conflicting accuracy or the reliance measures did not move (:mod:`cdistill.cli.report_warnings`).
 """
 
@@ -38,13 +38,27 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import hydra
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cdistill.cli.entry import hydra_entry
 from cdistill.cli.loggers import log_pngs
 from cdistill.cli.measure import config_reliance, measure_device, reliance_layer
+from cdistill.cli.pipeline_report import (
+    ABLATION,
+    CSV_FIELDS,
+    FRACTION,
+    NATS,
+    P_VALUE,
+    PERCENT,
+    RELIANCE_ROWS,
+    ROWS,
+    SCALE,
+    md_table,
+    summarize,
+    summary_metrics,
+    write_ablation,
+)
 from cdistill.cli.preflight import base_checkpoint, dry_run_report, preflight, reuse_config
 from cdistill.cli.reliance_plots import reliance_figures
 from cdistill.cli.report_warnings import (
@@ -56,7 +70,6 @@ from cdistill.cli.report_warnings import (
 )
 from cdistill.cli.tcav_report import summary, tcav_table
 from cdistill.cli.train import (
-    CONF_DIR,
     LAYER_CHOICE_FILE,
     STUDENT_FILE,
     instantiate,
@@ -64,12 +77,39 @@ from cdistill.cli.train import (
     train,
 )
 from cdistill.concepts.layer_choice import config_layer
-from cdistill.errors import CdistillError, exit_on_error
+from cdistill.errors import CdistillError
 from cdistill.models.layers import is_auto, resolve_layer
 from cdistill.models.students import create_student
 from cdistill.objective.config import ConceptsConfig
 from cdistill.utils.datamodule import ImageData
-from cdistill.utils.formatting import format_mean_std, mean_std
+
+#: The summary's names stay importable from here (:mod:`cdistill.cli.pipeline_report`).
+__all__ = [
+    "ABLATION",
+    "BASE_KEYS",
+    "CSV_FIELDS",
+    "FRACTION",
+    "NATS",
+    "PERCENT",
+    "P_VALUE",
+    "RELIANCE_ROWS",
+    "ROWS",
+    "SCALE",
+    "ablation_key",
+    "base_config",
+    "bias_tcav",
+    "distill_config",
+    "fix_auto_layer",
+    "log_summary",
+    "main",
+    "reliance_skip",
+    "run_pipeline",
+    "summarize",
+    "summary_metrics",
+    "variant_config",
+    "write_ablation",
+    "write_report",
+]
 
 log = logging.getLogger(__name__)
 BASE_KEYS = ("student", "optimizer", "scheduler", "num_classes", "num_bias_groups")
@@ -112,10 +152,6 @@ def fix_auto_layer(cfg: DictConfig, datamodule: ImageData, base_ckpt: str, out: 
         (folder / LAYER_CHOICE_FILE).write_text(json.dumps(choice.to_dict(), indent=2))
     return fixed
 
-
-#: The paper's ablation: (teacher on?, prototypes on?) -> column name.
-ABLATION = {(True, True): "teacher, prototypes", (True, False): "teacher, no prototypes",
-            (False, True): "no teacher, prototypes", (False, False): "no teacher, no prototypes"}
 
 
 def variant_config(cfg: DictConfig, teacher: bool, prototypes: bool) -> DictConfig:
@@ -191,91 +227,6 @@ def _reliance_of(ckpt: str, cfg: DictConfig, datamodule: ImageData, stage: str) 
     return res.metrics, asdict(res.detail)
 
 
-ROWS = [
-    ("test/acc", "test acc"),
-    ("test/acc_aligned", "test acc, bias-aligned"),
-    ("test/acc_conflicting", "test acc, bias-conflicting"),
-    ("test/acc_worst_group", "test acc, worst (label, bias) group"),
-    ("test/acc_group_mean", "test acc, mean over (label, bias) groups"),
-]
-#: Units of the summary: accuracies in percent; TCAV scores and shares as fractions in [0, 1];
-#: p-values as probabilities (printed in scientific notation); KL divergences in nats.
-PERCENT, FRACTION, P_VALUE, NATS = "%", "fraction", "p-value", "nats"
-SCALE = {PERCENT: 100.0, FRACTION: 1.0, P_VALUE: 1.0, NATS: 1.0}
-#: The reliance table (``reliance/*`` keys of :mod:`cdistill.cli.reliance_report`).
-RELIANCE_ROWS = [
-    ("reliance/concept_agreement", "concept-only agreement (concept images -> their class)", FRACTION),
-    ("reliance/chance", "concept-only agreement at chance", FRACTION),
-    ("reliance/ablation_kl", "bias-subspace ablation KL", NATS),
-    ("reliance/ablation_kl_random", "random-subspace ablation KL (control, same rank)", NATS),
-    ("reliance/acc_drop", "acc drop, bias subspace ablated (points)", PERCENT),
-    ("reliance/acc_drop_conflicting", "acc drop, bias subspace ablated, bias-conflicting (points)", PERCENT),
-    ("reliance/acc_drop_aligned", "acc drop, bias subspace ablated, bias-aligned (points)", PERCENT),
-    ("reliance/causal_share_in_bias", "causal energy share in the bias subspace", FRACTION),
-]
-CSV_FIELDS = ["metric", "key", "unit", "n_seeds", "base_mean", "base_std", "cd_mean", "cd_std"]
-
-
-def _stats(vals: Sequence[float], scale: float) -> tuple[float | None, float | None]:
-    """``(mean, std)`` over seeds in the row's unit (sample std; 0.0 for one seed)."""
-    if not vals:
-        return None, None
-    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-    return scale * float(np.mean(vals)), scale * std
-
-
-def _row(per_seed: Sequence[Mapping[str, Mapping[str, float]]], label: str, key: str, unit: str,
-         stages: Sequence[str] = ("base", "cd")) -> dict[str, Any]:
-    """One summary row: ``metric`` (label), ``key`` (of the per-seed metrics), ``unit``,
-    ``n_seeds`` and ``<stage>_mean``/``<stage>_std`` in that unit (None where not measured)."""
-    row: dict[str, Any] = {"metric": label, "key": key, "unit": unit, "n_seeds": len(per_seed)}
-    for stage in ("base", "cd"):
-        vals = [r[stage][key] for r in per_seed if key in r[stage]] if stage in stages else []
-        row[f"{stage}_mean"], row[f"{stage}_std"] = _stats(vals, SCALE[unit])
-    return row
-
-
-def _measured(row: Mapping[str, Any]) -> bool:
-    return row["base_mean"] is not None or row["cd_mean"] is not None
-
-
-def summarize(per_seed: Sequence[Mapping[str, Mapping[str, float]]], protocols: Sequence[str]) -> list[dict[str, Any]]:
-    """Summary rows (see :func:`_row`): numbers, mean and std apart, one unit per row."""
-    rows = [_row(per_seed, f"{label} ({proto} selection)", f"{proto}/{key}", PERCENT)
-            for proto in protocols for key, label in ROWS]
-    # Erasure runs: a fresh linear probe for the bias at the erased layer (val split).
-    probes = (("test/bias_probe_acc", "bias probe acc, erasers on"),
-              ("test/bias_probe_acc_unerased", "bias probe acc, erasers off"),
-              ("test/bias_probe_chance", "bias probe chance (majority rate)"))
-    for key, label in probes:
-        if any(f"{protocols[0]}/{key}" in r["cd"] for r in per_seed):
-            rows += [_row(per_seed, f"{label} ({proto} selection)", f"{proto}/{key}", PERCENT, ("cd",))
-                     for proto in protocols]
-    rows.append(_row(per_seed, "val acc (in-distribution, last epoch)", "val/acc", PERCENT))
-    if any("tcav" in r["base"] for r in per_seed):
-        rows.append(_row(per_seed, "bias TCAV score", "tcav", FRACTION))
-        rows.append(_row(per_seed, "bias TCAV p (Holm, median)", "tcav_p", P_VALUE))
-        rows.append(_row(per_seed, "bias TCAV significant (share of classes, p < 0.05)", "tcav_significant", FRACTION))
-    rows += [_row(per_seed, label, key, unit) for key, label, unit in RELIANCE_ROWS]
-    # e.g. no bias-aligned test images on the MNIST benchmarks
-    return [r for r in rows if _measured(r)]
-
-
-def _cell(mean: float | None, std: float | None, unit: str) -> str:
-    """``mean ± std`` for the markdown table; p-values and KL divergences (which span orders of
-    magnitude, 1e-4 for a control to 4 nats) in scientific notation."""
-    return format_mean_std(mean, std, sci=unit in (P_VALUE, NATS))
-
-
-def _md_table(rows: Sequence[Mapping[str, Any]], with_unit: bool) -> list[str]:
-    head = "| metric |" + (" unit |" if with_unit else "") + " base | concept-distilled |"
-    md = [head, "|---" * (4 if with_unit else 3) + "|"]
-    for r in rows:
-        unit = f" {r['unit']} |" if with_unit else ""
-        md.append(f"| {r['metric']} |{unit} {_cell(r['base_mean'], r['base_std'], r['unit'])} | "
-                  f"{_cell(r['cd_mean'], r['cd_std'], r['unit'])} |")
-    return md
-
 
 def write_report(rows: list[dict[str, Any]], per_seed: list[dict[str, Any]], out: Path, title: str) -> str:
     """Write ``pipeline.md`` (accuracies, TCAV and reliance in separate tables, one unit per
@@ -286,14 +237,14 @@ def write_report(rows: list[dict[str, Any]], per_seed: list[dict[str, Any]], out
     reliance = [r for r in rows if str(r["key"]).startswith("reliance/")]
     acc = [r for r in rows if r["unit"] == PERCENT and r not in reliance]
     tcav = [r for r in rows if r["unit"] != PERCENT and r not in reliance]
-    md = [f"# {title}", "", f"Accuracy (%), mean ± std over {len(per_seed)} seed(s):", "", *_md_table(acc, False)]
+    md = [f"# {title}", "", f"Accuracy (%), mean ± std over {len(per_seed)} seed(s):", "", *md_table(acc, False)]
     if tcav:
         md += ["", "Bias TCAV (score and share: fractions in [0, 1]; p: probability), mean ± std:", "",
-               *_md_table(tcav, True)]
+               *md_table(tcav, True)]
     if reliance:
         md += ["", "Reliance on the bias concept, by intervention (docs/methods.md §5), mean ± std. TCAV reads "
                "the sign of a local derivative at one layer; these measure what the output loses without the "
-               "concept (ablation) and what the concept alone makes the model answer:", "", *_md_table(reliance, True)]
+               "concept (ablation) and what the concept alone makes the model answer:", "", *md_table(reliance, True)]
     warnings = stalled_warnings(per_seed) + reliance_warnings(per_seed)
     for w in warnings:
         log.warning(w)
@@ -309,18 +260,6 @@ def write_report(rows: list[dict[str, Any]], per_seed: list[dict[str, Any]], out
     return text
 
 
-def summary_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """The summary as logger metrics in the per-run scale (fractions, as in ``metrics.json``):
-    ``<stage>/<key>`` (mean over seeds, e.g. ``cd/paper/test/acc``, the CD sweep's objective)
-    and ``<stage>/<key>_std``."""
-    out: dict[str, float] = {}
-    for r in rows:
-        scale = SCALE[r["unit"]]
-        for stage in ("base", "cd"):
-            if r[f"{stage}_mean"] is not None:
-                out[f"{stage}/{r['key']}"] = r[f"{stage}_mean"] / scale
-                out[f"{stage}/{r['key']}_std"] = r[f"{stage}_std"] / scale
-    return out
 
 
 def log_summary(cfg: DictConfig, rows: Sequence[Mapping[str, Any]], images: Mapping[str, Path] | None = None) -> None:
@@ -336,29 +275,91 @@ def log_summary(cfg: DictConfig, rows: Sequence[Mapping[str, Any]], images: Mapp
         lg.finalize("success")
 
 
-def write_ablation(per_seed: Sequence[Mapping[str, Any]], protocols: Sequence[str], out: Path, task: str) -> str:
-    """The paper's ablation (teacher on/off x prototypes on/off) as ``pipeline_ablation.md``.
 
-    Rows: the four variants and the base model; columns: reversed-bias test accuracy per
-    protocol, and the mean held-out accuracy of the CAVs the loss used (student or mapped
-    teacher space).
-    """
-    head = [f"test acc ({p})" for p in protocols] + ["CAV acc (student space)", "CAV acc (teacher space)"]
-    md = [f"# {task}: teacher x prototypes ablation", "", "| variant | " + " | ".join(head) + " |",
-          "|---" * (len(head) + 1) + "|"]
-    base = [mean_std([r["base"][f"{p}/test/acc"] for r in per_seed if f"{p}/test/acc" in r["base"]], scale=100.0) for p in protocols]
-    md.append("| base model | " + " | ".join([*base, "-", "-"]) + " |")
-    for name in ABLATION.values():
-        runs = [r["ablation"][name] for r in per_seed if name in r.get("ablation", {})]
-        cells = [mean_std([m[f"{p}/test/acc"] for m in runs if f"{p}/test/acc" in m], scale=100.0) for p in protocols]
-        cells += [mean_std([m[k] for m in runs if k in m]).replace(" ± ", "±") for k in ("cav/acc_student", "cav/acc_teacher")]
-        md.append(f"| {name} | " + " | ".join(cells) + " |")
-    md += ["", f"Reversed-bias test accuracy %, mean ± std over {len(per_seed)} seed(s), every variant "
-           "fine-tuned from the same base model per seed. No prototypes = the logit form. '-': not run "
-           "(the prototype form cannot act at layer `input`, which depends on no parameter)."]
-    text = "\n".join(md) + "\n"
-    (out / "pipeline_ablation.md").write_text(text)
-    return text
+def _base_stage(run_cfg: DictConfig, seed: int, out: Path) -> tuple[dict[str, float], Path]:
+    """Step 1: ``(metrics, weights)`` of the base model, trained or (``pipeline.base_ckpt``) reused."""
+    reused = base_checkpoint(run_cfg, seed)
+    if reused:  # an existing base model: tested, not trained
+        return train(reuse_config(base_config(run_cfg, out / "base"), reused)), Path(reused)
+    # the base model's weights after its last epoch
+    return train(base_config(run_cfg, out / "base")), out / "base" / STUDENT_FILE
+
+
+def _cd_stage(run_cfg: DictConfig, base_ckpt: Path, out: Path) -> dict[str, float]:
+    """Step 2: the concept-distillation run's metrics, with where its concept loss started."""
+    cd_metrics = train(distill_config(run_cfg, str(base_ckpt), out / "cd"))
+    term = next((k for k in TERMS if k in cd_metrics), None)
+    first = first_logged(out / "cd", term) if term else None
+    if term and first is not None:  # where the concept loss started (the warnings' yardstick)
+        cd_metrics[term + FIRST] = first
+    return cd_metrics
+
+
+def _ablation_cells(
+    run_cfg: DictConfig, base_ckpt: Path, out: Path, cd_metrics: dict[str, float]
+) -> dict[str, dict[str, float]]:
+    """The paper's ablation: the other three cells from the same base model (the experiment
+    itself is the fourth)."""
+    own = ablation_key(run_cfg)
+    cells = {ABLATION[own]: cd_metrics}
+    for key, name in ABLATION.items():
+        if key[1] and str(run_cfg.model.layer) == "input":  # (auto is never the input)
+            log.info("ablation cell %r skipped: the prototype form has no effect at layer input", name)
+            continue
+        if key != own:
+            var = variant_config(run_cfg, *key)
+            cells[name] = train(distill_config(var, str(base_ckpt), out / f"cd_{name.replace(', ', '_').replace(' ', '-')}"))
+    return cells
+
+
+def _add_reliance(record: dict[str, Any], run_cfg: DictConfig, datamodule: Any, ckpts: Mapping[str, Path], seed: Any) -> None:
+    """Step 4: each stage's reliance measures into ``record`` (a failure is logged, not raised)."""
+    try:
+        measured = {stage: _reliance_of(str(ckpt), run_cfg, datamodule, stage) for stage, ckpt in ckpts.items()}
+    except CdistillError as err:  # the trained models and the rest of the report stand
+        log.warning("seed %s: reliance measures skipped: %s", seed, err)
+    else:
+        record["reliance"] = {stage: detail for stage, (_, detail) in measured.items()}
+        for stage, (metrics, _) in measured.items():
+            record[stage].update(metrics)
+
+
+def _run_seed(cfg: DictConfig, seed: Any, root: Path, skip: str | None) -> dict[str, Any]:
+    """One seed of :func:`run_pipeline`: its record ``{seed, base, cd[, ablation, reliance]}``."""
+    run_cfg = cfg.copy()
+    with open_dict(run_cfg):
+        run_cfg.seed = int(seed)
+    out = root / f"seed{seed}"
+    base_metrics, base_ckpt = _base_stage(run_cfg, int(seed), out)
+    datamodule = instantiate(run_cfg.data)
+    # model.layer=auto: chosen once per seed on its base model, for the CD run, the ablation
+    # cells and TCAV alike (cdistill/concepts/layer_choice.py).
+    run_cfg = fix_auto_layer(run_cfg, datamodule, str(base_ckpt), out)
+    cd_metrics = _cd_stage(run_cfg, base_ckpt, out)
+    record: dict[str, Any] = {"seed": int(seed), "base": base_metrics, "cd": cd_metrics}
+    if cfg.pipeline.get("ablation"):
+        record["ablation"] = _ablation_cells(run_cfg, base_ckpt, out, cd_metrics)
+    ckpts = {"base": base_ckpt, "cd": out / "cd" / STUDENT_FILE}
+    if cfg.pipeline.tcav.enabled:
+        datamodule.setup("fit")
+        for stage, ckpt in ckpts.items():
+            record[stage].update(_tcav_of(str(ckpt), run_cfg, datamodule))
+    if skip is None:
+        _add_reliance(record, run_cfg, datamodule, ckpts, seed)
+    return record
+
+
+def _report(cfg: DictConfig, per_seed: list[dict[str, Any]], root: Path) -> None:
+    """Step 5: the summary, its files, plots and logger metrics, and the log lines."""
+    protocols = list(cfg.get("protocols") or {"last": None})
+    rows = summarize(per_seed, protocols)
+    text = write_report(rows, per_seed, root, f"{cfg.task_name}: base vs concept distillation")
+    figures = reliance_figures(per_seed, root)
+    log_summary(cfg, rows, figures)
+    if cfg.pipeline.get("ablation"):
+        text += "\n" + write_ablation(per_seed, protocols, root, str(cfg.task_name))
+    pngs = "".join(f", {p.name}" for p in figures.values())
+    log.info("\n" + text + f"\nwritten to {root}/pipeline.md, pipeline.csv, pipeline.json{pngs}")
 
 
 def run_pipeline(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -377,73 +378,12 @@ def run_pipeline(cfg: DictConfig) -> list[dict[str, Any]]:
     skip = reliance_skip(cfg)
     if skip is not None:
         log.info("reliance measures skipped: %s", skip)
-    per_seed: list[dict[str, Any]] = []
-    for seed in cfg.pipeline.seeds:
-        run_cfg = cfg.copy()
-        with open_dict(run_cfg):
-            run_cfg.seed = int(seed)
-        out = root / f"seed{seed}"
-        reused = base_checkpoint(run_cfg, int(seed))
-        if reused:  # an existing base model: tested, not trained
-            base_metrics = train(reuse_config(base_config(run_cfg, out / "base"), reused))
-            base_ckpt = Path(reused)
-        else:
-            base_metrics = train(base_config(run_cfg, out / "base"))
-            base_ckpt = out / "base" / STUDENT_FILE  # the base model's weights after its last epoch
-        datamodule = instantiate(run_cfg.data)
-        # model.layer=auto: chosen once per seed on its base model, for the CD run, the ablation
-        # cells and TCAV alike (cdistill/concepts/layer_choice.py).
-        run_cfg = fix_auto_layer(run_cfg, datamodule, str(base_ckpt), out)
-        cd_metrics = train(distill_config(run_cfg, str(base_ckpt), out / "cd"))
-        term = next((k for k in TERMS if k in cd_metrics), None)
-        first = first_logged(out / "cd", term) if term else None
-        if term and first is not None:  # where the concept loss started (the warnings' yardstick)
-            cd_metrics[term + FIRST] = first
-        record: dict[str, Any] = {"seed": int(seed), "base": base_metrics, "cd": cd_metrics}
-        if cfg.pipeline.get("ablation"):
-            # The other three cells from the same base model (the experiment itself is the fourth).
-            own = ablation_key(run_cfg)
-            record["ablation"] = {ABLATION[own]: cd_metrics}
-            for key, name in ABLATION.items():
-                if key[1] and str(run_cfg.model.layer) == "input":  # (auto is never the input)
-                    log.info("ablation cell %r skipped: the prototype form has no effect at layer input", name)
-                    continue
-                if key != own:
-                    var = variant_config(run_cfg, *key)
-                    record["ablation"][name] = train(distill_config(var, str(base_ckpt), out / f"cd_{name.replace(', ', '_').replace(' ', '-')}"))
-        if cfg.pipeline.tcav.enabled:
-            datamodule.setup("fit")
-            record["base"].update(_tcav_of(str(base_ckpt), run_cfg, datamodule))
-            cd_ckpt = out / "cd" / STUDENT_FILE
-            record["cd"].update(_tcav_of(str(cd_ckpt), run_cfg, datamodule))
-        if skip is None:
-            try:
-                measured = {stage: _reliance_of(str(ckpt), run_cfg, datamodule, stage)
-                            for stage, ckpt in (("base", base_ckpt), ("cd", out / "cd" / STUDENT_FILE))}
-            except CdistillError as err:  # the trained models and the rest of the report stand
-                log.warning("seed %s: reliance measures skipped: %s", seed, err)
-            else:
-                record["reliance"] = {stage: detail for stage, (_, detail) in measured.items()}
-                for stage, (metrics, _) in measured.items():
-                    record[stage].update(metrics)
-        per_seed.append(record)
-    protocols = list(cfg.get("protocols") or {"last": None})
-    rows = summarize(per_seed, protocols)
-    text = write_report(rows, per_seed, root, f"{cfg.task_name}: base vs concept distillation")
-    figures = reliance_figures(per_seed, root)
-    log_summary(cfg, rows, figures)
-    if cfg.pipeline.get("ablation"):
-        text += "\n" + write_ablation(per_seed, protocols, root, str(cfg.task_name))
-    pngs = "".join(f", {p.name}" for p in figures.values())
-    log.info("\n" + text + f"\nwritten to {root}/pipeline.md, pipeline.csv, pipeline.json{pngs}")
+    per_seed = [_run_seed(cfg, seed, root, skip) for seed in cfg.pipeline.seeds]
+    _report(cfg, per_seed, root)
     return per_seed
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-@exit_on_error
-def main(cfg: DictConfig) -> None:
-    """Console entry point: ``cdistill-pipeline experiment=color_mnist/cd``."""
-    run_pipeline(cfg)
+main = hydra_entry(run_pipeline, "Console entry point: ``cdistill-pipeline experiment=color_mnist/cd``.")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ one exists.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,25 +72,24 @@ def _model_config(cfg: DictConfig, base_ckpt: str | None) -> DictConfig:
     return model
 
 
-def preflight(cfg: DictConfig) -> list[str]:
-    """Run the checks (see the module docstring) for the first seed; return one line per check.
-
-    Raises:
-        CdistillError: The first check that fails (a :class:`CAVGateError` for the gate).
-    """
-    done: list[str] = []
+def _check_trainer(cfg: DictConfig) -> str:
     check_trainer_limits(cfg.trainer)
     for name, spec in dict(cfg.get("protocols") or {}).items():
         protocol_metric(name, spec)
-    done.append(f"trainer stops; protocols {list(cfg.get('protocols') or ['last'])} parse")
-    base_ckpt = base_checkpoint(cfg)
-    if base_ckpt:
-        for seed in cfg.pipeline.seeds:
-            base_checkpoint(cfg, int(seed))
+    return f"trainer stops; protocols {list(cfg.get('protocols') or ['last'])} parse"
+
+
+def _check_data(cfg: DictConfig) -> tuple[Any, str]:
+    """The datamodule, set up for ``fit``, and its line."""
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     sizes = ", ".join(f"{n} {len(datamodule.split(n))}" for n in ["train", *datamodule.val_names, *datamodule.test_names])
-    done.append(f"data {cfg.data._target_}: {sizes}; {datamodule.num_channels}x{datamodule.image_size}x{datamodule.image_size}")
+    return datamodule, f"data {cfg.data._target_}: {sizes}; {datamodule.num_channels}x{datamodule.image_size}x{datamodule.image_size}"
+
+
+def _check_model(cfg: DictConfig, datamodule: Any, base_ckpt: str | None, done: list[str]) -> tuple[Any, str]:
+    """The concept-distillation module (on the base model when given) and its layer (the stem
+    for ``auto``); its lines appended to ``done``."""
     # Builds the student (loading the base model when given) and checks the layer, terms, erasers.
     module = instantiate(_model_config(cfg, base_ckpt))
     student = module.student
@@ -101,46 +101,73 @@ def preflight(cfg: DictConfig) -> list[str]:
     done.append(f"model {cfg.model._target_}: student {name} takes the data's images; layer {layer!r} exists")
     if base_ckpt:
         done.append(f"base model {base_ckpt} loads into {name} (weights_only=True)")
+    return module, layer
+
+
+def _check_tcav(cfg: DictConfig, sets: Mapping[str, Any], spec: str, student: torch.nn.Module, layer: str) -> str:
+    tc = cfg.pipeline.tcav
+    tcav_pairs = term_pairs([ConceptTerm(concept=str(tc.concept), negative=str(tc.random))], int(cfg.model.num_classes))
+    check_pairs(tcav_pairs, list(sets), spec, where="pipeline.tcav.concept / pipeline.tcav.random")
+    pool = [k for k in sets if k.startswith(f"{tc.random}/")]
+    if len(pool) < 2:
+        raise CdistillError(f"pipeline.tcav.random={tc.random!r}: the concept spec {spec!r} needs it as a pool "
+                            "split into >= 2 sets (e.g. `random: {kind: noise, n: 500, split: 10}`).")
+    tcav_layer = resolve_layer(student, str(tc.get("layer") or layer))
+    try:
+        resolve_module(student, tcav_layer)
+    except CdistillError as err:
+        raise CdistillError(f"pipeline.tcav.layer: {err}") from None
+    return (f"TCAV: {len(tcav_pairs)} concepts and the {len(pool)}-set pool {tc.random!r} exist; "
+            f"layer {tcav_layer!r} exists")
+
+
+def _check_layer_choice(cfg: DictConfig, module: Any, inputs: dict[str, torch.Tensor], layer: str,
+                        blank: torch.Tensor, base_ckpt: str | None, done: list[str]) -> str:
+    """The layer the CAVs are fitted at: with ``model.layer=auto`` and a base model, the layer
+    choice's scan (its summary appended to ``done``); ``layer`` otherwise."""
+    if not (is_auto(cfg.model.layer) and module.concepts_cfg.terms):
+        return layer
+    if base_ckpt:  # the CAV scan the training run will do (cdistill/concepts/layer_choice.py)
+        capped = {k: v[:MAX_IMAGES] for k, v in inputs.items()}
+        choice = choose_layer(module.student, capped, module.concepts_cfg.terms, int(cfg.model.num_classes),
+                              module.concepts_cfg.cav, blank=blank)
+        done.append(choice.summary())
+        return choice.layer
+    done.append(f"model.layer=auto: chosen after base training from the base model's CAV scan among "
+                f"{candidate_layers(module.student)}; the stem {layer!r} is checked here")
+    return layer
+
+
+def preflight(cfg: DictConfig) -> list[str]:
+    """Run the checks (see the module docstring) for the first seed; return one line per check.
+
+    Raises:
+        CdistillError: The first check that fails (a :class:`CAVGateError` for the gate).
+    """
+    done = [_check_trainer(cfg)]
+    base_ckpt = base_checkpoint(cfg)
+    if base_ckpt:
+        for seed in cfg.pipeline.seeds:
+            base_checkpoint(cfg, int(seed))
+    datamodule, line = _check_data(cfg)
+    done.append(line)
+    module, layer = _check_model(cfg, datamodule, base_ckpt, done)
     spec = str(cfg.model.concepts.spec)
     sets = load_spec(spec, channels=datamodule.num_channels, size=datamodule.image_size)
     done.append(f"concept spec {spec}: {len(sets)} sets load ({', '.join(f'{k} {len(v)}' for k, v in list(sets.items())[:4])}"
                 f"{' ...' if len(sets) > 4 else ''})")
-    num_classes = int(cfg.model.num_classes)
-    pairs = term_pairs(module.concepts_cfg.terms, num_classes)
+    pairs = term_pairs(module.concepts_cfg.terms, int(cfg.model.num_classes))
     check_pairs(pairs, list(sets), spec)
     if pairs:
         done.append(f"terms: {len(pairs)} concept/negative pairs exist ({pairs[0].concept} vs {pairs[0].negative} ...)")
-    tc = cfg.pipeline.tcav
-    if tc.enabled:
-        tcav_pairs = term_pairs([ConceptTerm(concept=str(tc.concept), negative=str(tc.random))], num_classes)
-        check_pairs(tcav_pairs, list(sets), spec, where="pipeline.tcav.concept / pipeline.tcav.random")
-        pool = [k for k in sets if k.startswith(f"{tc.random}/")]
-        if len(pool) < 2:
-            raise CdistillError(f"pipeline.tcav.random={tc.random!r}: the concept spec {spec!r} needs it as a pool "
-                                "split into >= 2 sets (e.g. `random: {kind: noise, n: 500, split: 10}`).")
-        tcav_layer = resolve_layer(student, str(tc.get("layer") or layer))
-        try:
-            resolve_module(student, tcav_layer)
-        except CdistillError as err:
-            raise CdistillError(f"pipeline.tcav.layer: {err}") from None
-        done.append(f"TCAV: {len(tcav_pairs)} concepts and the {len(pool)}-set pool {tc.random!r} exist; "
-                    f"layer {tcav_layer!r} exists")
+    if cfg.pipeline.tcav.enabled:
+        done.append(_check_tcav(cfg, sets, spec, module.student, layer))
     kw = {"channels": datamodule.num_channels, "size": datamodule.image_size}
     inputs = {k: preprocess(v, datamodule.normalize, **kw) for k, v in sets.items()}
     blank = preprocess(torch.zeros_like(next(iter(sets.values()))[:1]), datamodule.normalize, **kw)
-    first = next(iter(inputs.values()))
-    act = collect_activations(student, layer, [first[:2]], flatten=False)
+    act = collect_activations(module.student, layer, [next(iter(inputs.values()))[:2]], flatten=False)
     done.append(f"concept images reach layer {layer!r}: activations {tuple(act.shape[1:])}")
-    if is_auto(cfg.model.layer) and module.concepts_cfg.terms:
-        if base_ckpt:  # the CAV scan the training run will do (cdistill/concepts/layer_choice.py)
-            capped = {k: v[:MAX_IMAGES] for k, v in inputs.items()}
-            choice = choose_layer(student, capped, module.concepts_cfg.terms, num_classes, module.concepts_cfg.cav,
-                                  blank=blank)
-            layer = choice.layer
-            done.append(choice.summary())
-        else:
-            done.append(f"model.layer=auto: chosen after base training from the base model's CAV scan among "
-                        f"{candidate_layers(student)}; the stem {layer!r} is checked here")
+    layer = _check_layer_choice(cfg, module, inputs, layer, blank, base_ckpt, done)
     if base_ckpt and module.needs_cavs and pairs:  # λ_c's CAVs (concept vs negative), at the chosen layer too
         done.append(gate_check(module, inputs, pairs, layer, blank))
     elif module.needs_cavs:

@@ -3,15 +3,15 @@ test; write ``metrics.json`` (numbers) and ``selection.json`` (which epoch and c
 model-selection protocol tested) in the run directory.
 
 ``python train.py experiment=color_mnist/baseline`` or the ``cdistill-train`` console script.
+The model-selection protocols are :mod:`cdistill.cli.selection`, the closing files and table
+:mod:`cdistill.cli.run_report`.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +20,53 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
+from cdistill.cli.entry import CONF_DIR, hydra_entry
+from cdistill.cli.run_report import SELECTION_FILE, write_run_report
+from cdistill.cli.selection import (
+    Selection,
+    as_floats,
+    capture_selections,
+    last_epoch,
+    protocol_checkpoints,
+    protocol_metric,
+    run_protocol_tests,
+)
 from cdistill.concepts.layer_choice import CHOICE_FILE, LayerChoice, config_layer
-from cdistill.errors import CdistillError, exit_on_error
+from cdistill.errors import CdistillError
 from cdistill.models.students import check_input_channels, check_input_size
 from cdistill.utils.checkpoint_files import check_resume_checkpoint
 from cdistill.utils.checkpointing import LastCheckpoint
 from cdistill.utils.datamodule import ImageData
-from cdistill.utils.resolvers import register_resolvers
-from cdistill.utils.resources import conf_dir
+
+#: Names that moved to :mod:`cdistill.cli.selection` / :mod:`cdistill.cli.run_report` stay
+#: importable from here.
+__all__ = [
+    "CONF_DIR",
+    "LAYER_CHOICE_FILE",
+    "SELECTION_FILE",
+    "STUDENT_FILE",
+    "Selection",
+    "capture_selections",
+    "check_trainer_limits",
+    "checkpoint_run_dir",
+    "instantiate",
+    "instantiate_group",
+    "last_checkpoint_last",
+    "main",
+    "protocol_checkpoints",
+    "protocol_metric",
+    "resolve_ckpt_path",
+    "resume_in_run_dir",
+    "train",
+    "with_auto_layer",
+]
 
 log = logging.getLogger(__name__)
-register_resolvers()  # ${cdistill.run_suffix:} and ${cdistill.launch_dir:} in conf/hydra, conf/paths
-#: Per protocol: the file and epoch it tested (``metrics.json`` keeps numbers only).
-SELECTION_FILE = "selection.json"
 STUDENT_FILE = "student.pt"
 #: ``model.layer=auto``: the chosen layer and the CAV scan behind it (:mod:`cdistill.concepts.layer_choice`).
 LAYER_CHOICE_FILE = CHOICE_FILE
-CONF_DIR = conf_dir()  # the checkout's conf/, or the copy an installed wheel ships
 
 
 def instantiate(cfg: DictConfig, **kwargs: Any) -> Any:
@@ -141,59 +168,6 @@ def last_checkpoint_last(callbacks: list[Any]) -> list[Any]:
     return sorted(callbacks, key=lambda cb: isinstance(cb, LastCheckpoint))
 
 
-def protocol_metric(name: str, spec: Any) -> tuple[str | None, str]:
-    """``(metric, mode)`` of a protocol: a metric name (maximised), a mapping ``{monitor,
-    mode}`` (``mode`` ``max`` or ``min``, e.g. an error to minimise), or None (last epoch)."""
-    if not spec:
-        return None, "max"
-    if isinstance(spec, str):
-        return spec, "max"
-    metric, mode = spec.get("monitor"), str(spec.get("mode", "max"))
-    if not metric or mode not in ("max", "min"):
-        raise CdistillError(
-            f"protocols.{name}={dict(spec)}: give a metric name, or {{monitor: <metric>, mode: max|min}}."
-        )
-    return str(metric), mode
-
-
-def protocol_checkpoints(
-    protocols: Mapping[str, Any], output_dir: str, callbacks: list[Any]
-) -> dict[str, ModelCheckpoint]:
-    """The checkpoint callback of each model-selection protocol that monitors a metric.
-
-    A configured ``ModelCheckpoint`` that already keeps the best epoch by that metric is
-    reused; otherwise one is added to ``callbacks`` (writing ``checkpoints/<protocol>/``).
-
-    Args:
-        protocols: Protocol name -> monitored metric (maximised), ``{monitor, mode}``, or
-            None for the last epoch (see :func:`protocol_metric`).
-        output_dir: Run directory.
-        callbacks: The configured callbacks; new ones are appended.
-    """
-    selectors: dict[str, ModelCheckpoint] = {}
-    for name, spec in protocols.items():
-        metric, mode = protocol_metric(name, spec)
-        if not metric:
-            continue
-        existing = [
-            cb for cb in callbacks
-            if isinstance(cb, ModelCheckpoint) and cb.monitor == metric and cb.mode == mode and cb.save_top_k != 0
-        ]
-        if existing:
-            selectors[name] = existing[0]
-            continue
-        selectors[name] = ModelCheckpoint(
-            dirpath=str(Path(output_dir) / "checkpoints" / name), filename="best",
-            monitor=metric, mode=mode, save_top_k=1, save_last=False, auto_insert_metric_name=False,
-        )
-        callbacks.append(selectors[name])
-    return selectors
-
-
-def _as_floats(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, torch.Tensor | float | int)}
-
-
 @rank_zero_only
 def _save_student(model: pl.LightningModule, output_dir: str) -> None:
     """The student's weights at the end of training, as a plain state dict: what
@@ -201,151 +175,6 @@ def _save_student(model: pl.LightningModule, output_dir: str) -> None:
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     student = getattr(model, "student", model)
     torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()}, Path(output_dir) / STUDENT_FILE)
-
-
-@dataclass
-class Selection:
-    """The weights one model-selection protocol tests, captured before any test runs.
-
-    Attributes:
-        monitor: Validation metric the protocol selects on (None: the last epoch).
-        mode: ``max`` or ``min`` (None without a monitor).
-        file: Checkpoint the protocol selected (None: the weights in memory after the last
-            epoch, e.g. for ``last``, ``fast_dev_run`` or ``train=false``).
-        score: The monitored metric's value at the selected epoch (None without a file).
-        epoch: Selected epoch (0-based; None when unknown, e.g. ``train=false``). For a file,
-            the epoch stored in it, read when it is loaded for the test.
-    """
-
-    monitor: str | None
-    mode: str | None
-    file: str | None
-    score: float | None
-    epoch: int | None
-
-
-def capture_selections(
-    protocols: Mapping[str, Any], selectors: Mapping[str, ModelCheckpoint], last_epoch: int | None
-) -> dict[str, Selection]:
-    """Each protocol's selection as it stands after training, taken before any test (testing a
-    checkpoint with ``trainer.test(ckpt_path=...)`` restores every callback's state from it and
-    so rewinds the other selectors to that epoch; :func:`_test` loads only the weights).
-
-    Args:
-        protocols: Protocol name -> spec (see :func:`protocol_metric`); empty: ``{"last": None}``.
-        selectors: Protocol name -> its checkpoint callback (:func:`protocol_checkpoints`).
-        last_epoch: Index of the last trained epoch (None when nothing was trained).
-    """
-    out: dict[str, Selection] = {}
-    for name, spec in (protocols or {"last": None}).items():
-        metric, mode = protocol_metric(name, spec)
-        selector = selectors.get(name)
-        file = selector.best_model_path if selector is not None and selector.best_model_path else None
-        score = selector.best_model_score if selector is not None and file else None
-        if metric and file is None and last_epoch is not None:
-            log.warning("protocol %s: no checkpoint selected by %s; testing the last epoch's weights", name, metric)
-        score_f = None if score is None else float(score)
-        # A file's epoch is read from it when it is loaded for the test.
-        out[name] = Selection(metric, mode if metric else None, file, score_f, None if file else last_epoch)
-    return out
-
-
-def _load_selected(model: pl.LightningModule, selection: Selection) -> None:
-    """Load the selected checkpoint's weights into ``model`` (only the weights: no callback,
-    loop or optimizer state) and record the epoch stored in it."""
-    assert selection.file is not None
-    ckpt = torch.load(selection.file, map_location="cpu", weights_only=True)
-    model.load_state_dict(ckpt["state_dict"], strict=model.strict_loading)
-    selection.epoch = int(ckpt["epoch"])
-
-
-def _log_to(loggers: list[Any], metrics: Mapping[str, float], step: int) -> None:
-    """Log ``metrics`` to every logger at ``step`` and flush them (rank zero does the writing)."""
-    for lg in loggers:
-        lg.log_metrics(dict(metrics), step=step)
-        lg.save()
-
-
-def _test(
-    trainer: pl.Trainer,
-    model: pl.LightningModule,
-    datamodule: pl.LightningDataModule,
-    selections: Mapping[str, Selection],
-) -> dict[str, float]:
-    """Test each protocol's own selection: ``<protocol>/<split>/<metric>`` and
-    ``<protocol>/selected_epoch``; the unprefixed ``<split>/<metric>`` keys are the first
-    protocol's. The model is left with the last epoch's weights.
-
-    Lightning's loggers are detached during the tests (each would receive an unlabelled
-    ``test/...`` per protocol); the labelled keys are logged once the tests are done.
-    """
-    out: dict[str, float] = {}
-    last_state = copy.deepcopy(model.state_dict())
-    loggers = list(trainer.loggers)
-    trainer.loggers = []
-    try:
-        for i, (name, selection) in enumerate(selections.items()):
-            if selection.file is None:
-                model.load_state_dict(last_state)
-            else:
-                _load_selected(model, selection)
-            log.info(f"test ({name} protocol): {selection.file or 'weights in memory (last epoch)'}, epoch {selection.epoch}")
-            trainer.test(model, datamodule=datamodule, verbose=False)
-            tested = {k: v for k, v in _as_floats(trainer.callback_metrics).items() if k.startswith("test")}
-            out.update({f"{name}/{k}": v for k, v in tested.items()})
-            if selection.epoch is not None:
-                out[f"{name}/selected_epoch"] = float(selection.epoch)
-            if i == 0:
-                out.update(tested)
-    finally:
-        trainer.loggers = loggers
-        model.load_state_dict(last_state)
-    _log_to(loggers, out, trainer.global_step)
-    return out
-
-
-def _last_epoch(trainer: pl.Trainer, trained: bool) -> int | None:
-    """Index of the last completed training epoch (None when nothing was trained)."""
-    return max(trainer.current_epoch - 1, 0) if trained else None
-
-
-@rank_zero_only
-def _report(
-    metrics: dict[str, float],
-    output_dir: str,
-    protocols: Mapping[str, Any],
-    selections: Mapping[str, Selection] | None = None,
-) -> None:
-    """Write ``metrics.json`` (flat, numeric) and ``selection.json`` (per protocol: monitor,
-    mode, tested file, score, epoch); print the evaluation table."""
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    if selections:
-        table = {name: asdict(sel) for name, sel in selections.items()}
-        (Path(output_dir) / SELECTION_FILE).write_text(json.dumps(table, indent=2))
-    prefixes = set(protocols) | {"train"}
-    # Evaluation splits: those with an accuracy (classification) or a reflectance error (IID).
-    splits = sorted({k.split("/")[0] for k in metrics if k.count("/") == 1 and k.endswith(("/acc", "/r_mse"))} - prefixes)
-    iid = [s for s in splits if f"{s}/r_mse" in metrics]  # decomposition runs: errors, not accuracies
-    lines: list[str] = []
-    classified = [s for s in splits if s not in iid]
-    if classified:
-        lines += ["", f"{'split':<22}{'acc':>8}{'aligned':>10}{'conflict':>10}"]
-    for split in classified:
-        row = [metrics.get(f"{split}/{m}") for m in ("acc", "acc_aligned", "acc_conflicting")]
-        cells = "".join(f"{'-' if v is None else f'{100 * v:.2f}':>{w}}" for v, w in zip(row, (8, 10, 10), strict=True))
-        lines.append(f"{split:<22}{cells}")
-    if iid:
-        lines += ["", f"{'split':<22}{'R si-MSE':>10}{'S si-MSE':>10}"]
-        lines += [f"{s:<22}{metrics[f'{s}/r_mse']:>10.5f}{metrics.get(f'{s}/s_mse', float('nan')):>10.5f}" for s in iid]
-    if "train/acc" in metrics:
-        lines.append(f"{'train (last epoch)':<22}{100 * metrics['train/acc']:>8.2f}")
-    by_protocol = [f"{p} {100 * metrics[f'{p}/test/acc']:.2f}" for p in protocols if f"{p}/test/acc" in metrics]
-    if by_protocol:
-        lines.append("test acc by model-selection protocol: " + ", ".join(by_protocol))
-    for name, sel in (selections or {}).items():
-        lines.append(f"  {name}: epoch {sel.epoch}, {sel.file or 'weights in memory after the last epoch'}")
-    log.info("\n".join(lines) + f"\nmetrics written to {output_dir}/metrics.json")
 
 
 @rank_zero_only
@@ -400,25 +229,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if ckpt_path:
             check_resume_checkpoint(ckpt_path, model, cfg.model.student.get("name"))
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        metrics.update(_as_floats(trainer.callback_metrics))
+        metrics.update(as_floats(trainer.callback_metrics))
         metrics.update(getattr(model, "artefact_metrics", {}))  # e.g. CAV accuracies in both spaces
         _save_student(model, output_dir)
     selections: dict[str, Selection] = {}
     if cfg.get("test", True):
         # Every protocol's selection is fixed before the first test touches the model.
-        selections = capture_selections(protocols, selectors, _last_epoch(trainer, cfg.get("train", True)))
-        metrics.update(_test(trainer, model, datamodule, selections))
-    _report(metrics, output_dir, protocols, selections)
+        selections = capture_selections(protocols, selectors, last_epoch(trainer, cfg.get("train", True)))
+        metrics.update(run_protocol_tests(trainer, model, datamodule, selections))
+    write_run_report(metrics, output_dir, protocols, selections)
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-@exit_on_error
-def main(cfg: DictConfig) -> float | None:
-    """Console entry point; returns ``optimized_metric`` for Hydra sweepers."""
+def _sweep_objective(cfg: DictConfig) -> float | None:
+    """Train; return ``optimized_metric`` for Hydra sweepers."""
     metrics = train(cfg)
     name = cfg.get("optimized_metric")
     return metrics.get(name) if name else None
+
+
+main = hydra_entry(
+    _sweep_objective, "Console entry point; returns ``optimized_metric`` for Hydra sweepers.", objective=True
+)
 
 
 if __name__ == "__main__":

@@ -109,34 +109,37 @@ def default_pairs(set_names: Sequence[str], negative: str) -> list[ConceptPair]:
     return [ConceptPair(s, negative, s) for s in singles]
 
 
-def run_check(args: argparse.Namespace) -> dict[str, Any]:
-    """Do what ``check`` prints (see the module docstring); return what ``check.json`` holds."""
-    cfg = compose_config(args.config) if args.config else None
-    datamodule = None
-    if cfg is not None and "data" in cfg:
-        from cdistill.cli.train import instantiate
+def _datamodule(cfg: Any) -> Any:
+    """The experiment's datamodule, set up for ``fit`` (None without ``--config`` data)."""
+    if cfg is None or "data" not in cfg:
+        return None
+    from cdistill.cli.train import instantiate
 
-        datamodule = instantiate(cfg.data)
-        datamodule.setup("fit")
-    loaded = None
-    if args.model:
-        from cdistill.models.load import load_student
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    return datamodule
 
-        size_hint = args.size or (datamodule.image_size if datamodule is not None else None)
-        from omegaconf import OmegaConf
 
-        arch = OmegaConf.to_container(cfg.model.student, resolve=True) if cfg is not None and "student" in cfg.model else None
-        loaded = load_student(args.model, name=args.student, weights=args.weights, image_size=size_hint,
-                              num_classes=args.num_classes, architecture={str(k): v for k, v in arch.items()} if isinstance(arch, dict) else None)
-        for note in loaded.notes:
-            print(f"note: {note}")
-    conv = first_conv(loaded.model) if loaded is not None else None
-    channels = args.channels or (conv.in_channels if conv is not None else None) or (
-        datamodule.num_channels if datamodule is not None else None)
-    size = args.size or (datamodule.image_size if datamodule is not None else None) or (
-        getattr(loaded.model, "image_size", None) if loaded is not None else None)
-    sets = load_spec(args.spec, channels=channels, size=size)
-    out = Path(args.out) if args.out else Path.cwd() / "concept_check" / Path(args.spec).stem
+def _load_model(args: argparse.Namespace, cfg: Any, datamodule: Any) -> Any:
+    """The ``--model`` student (:func:`cdistill.models.load.load_student`; its notes printed),
+    or None without one."""
+    if not args.model:
+        return None
+    from omegaconf import OmegaConf
+
+    from cdistill.models.load import load_student
+
+    size_hint = args.size or (datamodule.image_size if datamodule is not None else None)
+    arch = OmegaConf.to_container(cfg.model.student, resolve=True) if cfg is not None and "student" in cfg.model else None
+    loaded = load_student(args.model, name=args.student, weights=args.weights, image_size=size_hint,
+                          num_classes=args.num_classes, architecture={str(k): v for k, v in arch.items()} if isinstance(arch, dict) else None)
+    for note in loaded.notes:
+        print(f"note: {note}")
+    return loaded
+
+
+def _describe(args: argparse.Namespace, sets: dict[str, Tensor], out: Path) -> dict[str, Any]:
+    """Print each set's count and size, write the montages; the report's first entries."""
     infos = describe_sets(sets)
     print(f"concept spec {args.spec}: {len(sets)} sets")
     width = max(len(i.name) for i in infos) + 2
@@ -144,19 +147,63 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {i.name:<{width}}{i.count:>6} images  {i.channels}x{i.height}x{i.width}")
     montages = write_montages(sets, out, args.max_images)
     print(f"montages: {out}/ ({len(montages)} PNG)")
-    report: dict[str, Any] = {"spec": str(args.spec), "sets": [asdict(i) for i in infos],
-                              "montages": [str(p) for p in montages]}
-    concepts_cfg = ConceptsConfig.from_dict(dict(cfg.model.concepts)) if cfg is not None and "concepts" in cfg.model else None
-    num_classes = args.num_classes or (loaded.student.get("num_classes") if loaded is not None else None) or (
-        datamodule.num_classes if datamodule is not None else 10)
+    return {"spec": str(args.spec), "sets": [asdict(i) for i in infos], "montages": [str(p) for p in montages]}
+
+
+def _pairs(args: argparse.Namespace, sets: dict[str, Tensor], concepts_cfg: ConceptsConfig | None,
+           num_classes: int) -> list[ConceptPair]:
+    """The pairs to scan (``--terms``, else the config's terms, else every set vs ``--negative``),
+    checked against the sets and printed."""
     if args.terms:
-        pairs = term_pairs(parse_pairs(args.terms), int(num_classes))
+        pairs = term_pairs(parse_pairs(args.terms), num_classes)
     elif concepts_cfg is not None and concepts_cfg.terms:
-        pairs = term_pairs(concepts_cfg.terms, int(num_classes))
+        pairs = term_pairs(concepts_cfg.terms, num_classes)
     else:
         pairs = default_pairs(list(sets), args.negative)
     check_pairs(pairs, list(sets), str(args.spec), where="the terms" if args.terms or concepts_cfg else "--negative")
     print(f"pairs: {', '.join(f'{p.concept} vs {p.negative}' for p in pairs)} (every set exists)")
+    return pairs
+
+
+def _cav_config(args: argparse.Namespace, concepts_cfg: ConceptsConfig | None) -> CAVConfig:
+    """The config's CAV settings (else the defaults) with ``--solver`` / ``--min-accuracy``."""
+    cav = concepts_cfg.cav if concepts_cfg is not None else CAVConfig()
+    overrides = {k: v for k, v in (("solver", args.solver), ("min_accuracy", args.min_accuracy)) if v is not None}
+    return CAVConfig(**{**asdict(cav), **overrides}) if overrides else cav
+
+
+def _auto_choice(args: argparse.Namespace, model: torch.nn.Module, inputs: dict[str, Tensor], blank: Tensor,
+                 concepts_cfg: ConceptsConfig | None, num_classes: int, cav: CAVConfig) -> dict[str, Any]:
+    """What training would choose (cdistill/concepts/layer_choice.py), every candidate scored:
+    printed, and the report's ``auto`` entry."""
+    terms = parse_pairs(args.terms) if args.terms else (concepts_cfg.terms if concepts_cfg is not None else ())
+    capped = {k: v[:MAX_IMAGES] for k, v in inputs.items()}
+    try:
+        choice = choose_layer(model, capped, terms, num_classes, cav, blank=blank, scan_all=True)
+    except LayerChoiceError as err:
+        print(str(err))
+        return {"error": str(err)}
+    print(choice.summary())
+    return choice.to_dict()
+
+
+def run_check(args: argparse.Namespace) -> dict[str, Any]:
+    """Do what ``check`` prints (see the module docstring); return what ``check.json`` holds."""
+    cfg = compose_config(args.config) if args.config else None
+    datamodule = _datamodule(cfg)
+    loaded = _load_model(args, cfg, datamodule)
+    conv = first_conv(loaded.model) if loaded is not None else None
+    channels = args.channels or (conv.in_channels if conv is not None else None) or (
+        datamodule.num_channels if datamodule is not None else None)
+    size = args.size or (datamodule.image_size if datamodule is not None else None) or (
+        getattr(loaded.model, "image_size", None) if loaded is not None else None)
+    sets = load_spec(args.spec, channels=channels, size=size)
+    out = Path(args.out) if args.out else Path.cwd() / "concept_check" / Path(args.spec).stem
+    report = _describe(args, sets, out)
+    concepts_cfg = ConceptsConfig.from_dict(dict(cfg.model.concepts)) if cfg is not None and "concepts" in cfg.model else None
+    num_classes = args.num_classes or (loaded.student.get("num_classes") if loaded is not None else None) or (
+        datamodule.num_classes if datamodule is not None else 10)
+    pairs = _pairs(args, sets, concepts_cfg, int(num_classes))
     if loaded is None:
         print("no --model: CAV accuracies not scanned (they need a trained student, e.g. the pipeline's base model)")
         _write(out, report)
@@ -175,26 +222,14 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
 
     inputs = {s: preprocess(x, normalize, channels=n_chans, size=side) for s, x in sets.items()}
     blank = preprocess(torch.zeros_like(next(iter(sets.values()))[:1]), normalize, channels=n_chans, size=side)
-    cav = concepts_cfg.cav if concepts_cfg is not None else CAVConfig()
-    overrides = {k: v for k, v in (("solver", args.solver), ("min_accuracy", args.min_accuracy)) if v is not None}
-    if overrides:
-        cav = CAVConfig(**{**asdict(cav), **overrides})
+    cav = _cav_config(args, concepts_cfg)
     scores = scan_layers(model, inputs, pairs, layers, cav, blank=blank)
     print(f"CAV held-out accuracy ({cav.solver}, gate {cav.min_accuracy}):")
     print(format_scan(scores))
     report["scan"] = [asdict(s) for s in scores]
     report["layers"] = list(layers)
-    if auto:  # what training would choose (cdistill/concepts/layer_choice.py), every candidate scored
-        terms = parse_pairs(args.terms) if args.terms else (concepts_cfg.terms if concepts_cfg is not None else ())
-        capped = {k: v[:MAX_IMAGES] for k, v in inputs.items()}
-        try:
-            choice = choose_layer(model, capped, terms, int(num_classes), cav, blank=blank, scan_all=True)
-        except LayerChoiceError as err:
-            print(str(err))
-            report["auto"] = {"error": str(err)}
-        else:
-            print(choice.summary())
-            report["auto"] = choice.to_dict()
+    if auto:
+        report["auto"] = _auto_choice(args, model, inputs, blank, concepts_cfg, int(num_classes), cav)
     _write(out, report)
     return report
 

@@ -22,7 +22,6 @@ from cdistill.objective.config import DFRConfig
 from cdistill.robust.groups import group_of
 from cdistill.robust.last_layer import DFRHead, final_linear, fit_dfr_head
 from cdistill.robust.supervision import Supervision
-from cdistill.tasks.classifier import to_plain
 from cdistill.tasks.group_robust import GroupRobustModule
 from cdistill.utils.capture import eval_mode
 from cdistill.utils.datamodule import attached_data
@@ -46,8 +45,7 @@ class DFRModule(GroupRobustModule):
 
     def __init__(self, dfr: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.dfr_cfg = DFRConfig.from_dict(to_plain(dfr))
-        self.save_hyperparameters({"dfr": self.dfr_cfg.to_dict()})
+        self.dfr_cfg = self.method_config(DFRConfig.from_dict, dfr)
         final_linear(self.student, int(self.hparams["num_classes"]))  # fails now without a head
         self.last_head: DFRHead | None = None
         self._cache: tuple[torch.Tensor, torch.Tensor, DFRHead] | None = None

@@ -10,8 +10,8 @@ LfF have modules of their own (``jtt.py``, ``dfr.py``, ``lff.py``).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,13 @@ from cdistill.utils.datamodule import attached_data
 
 #: The keyword arguments of the plain classification task (what a method config may carry).
 CLASSIFIER_KEYS = tuple(p for p in inspect.signature(ClassifierModule.__init__).parameters if p != "self")
+
+
+class _MethodConfig(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+M = TypeVar("M", bound=_MethodConfig)
 
 
 class GroupRobustModule(ClassifierModule):
@@ -65,6 +72,13 @@ class GroupRobustModule(ClassifierModule):
         super().__init__(**kwargs)
         self.num_slots = int(self.hparams["num_classes"]) * int(self.hparams["num_bias_groups"]) + 1
         self.register_buffer("train_group_counts", torch.zeros(self.num_slots, dtype=torch.long))
+
+    def method_config(self, parse: Callable[[Any], M], raw: Mapping[str, Any] | None) -> M:
+        """The method's settings (``parse``: e.g. ``JTTConfig.from_dict``) from the model config's
+        ``raw`` section, saved in the hyperparameters under the method's name."""
+        cfg = parse(to_plain(raw))
+        self.save_hyperparameters({self.method: cfg.to_dict()})
+        return cfg
 
     # ------------------------------------------------------------------ groups
     def slots(self, labels: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -105,8 +119,7 @@ class ReweightModule(GroupRobustModule):
 
     def __init__(self, reweight: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.reweight_cfg = ReweightConfig.from_dict(to_plain(reweight))
-        self.save_hyperparameters({"reweight": self.reweight_cfg.to_dict()})
+        self.reweight_cfg = self.method_config(ReweightConfig.from_dict, reweight)
         keys = self.num_slots if self.reweight_cfg.by == "group" else int(self.hparams["num_classes"])
         self.register_buffer("key_weights", torch.zeros(keys))
 
@@ -154,8 +167,7 @@ class GroupDROModule(GroupRobustModule):
 
     def __init__(self, group_dro: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.dro_cfg = GroupDROConfig.from_dict(to_plain(group_dro))
-        self.save_hyperparameters({"group_dro": self.dro_cfg.to_dict()})
+        self.dro_cfg = self.method_config(GroupDROConfig.from_dict, group_dro)
         self.register_buffer("group_weights", torch.zeros(self.num_slots))
 
     def adopt_train_groups(self, table: GroupTable) -> None:

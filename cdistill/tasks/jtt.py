@@ -28,7 +28,6 @@ from cdistill.objective.config import JTTConfig
 from cdistill.robust.jtt import error_mask, train_identification
 from cdistill.robust.sampling import SamplePlan
 from cdistill.robust.supervision import Supervision
-from cdistill.tasks.classifier import to_plain
 from cdistill.tasks.group_robust import GroupRobustModule
 from cdistill.utils.buffers import FittedBuffers
 from cdistill.utils.datamodule import attached_data
@@ -57,8 +56,7 @@ class JTTModule(FittedBuffers, GroupRobustModule):
 
     def __init__(self, jtt: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.jtt_cfg = JTTConfig.from_dict(to_plain(jtt))
-        self.save_hyperparameters({"jtt": self.jtt_cfg.to_dict()})
+        self.jtt_cfg = self.method_config(JTTConfig.from_dict, jtt)
         self.register_buffer("jtt_errors", torch.zeros(0, dtype=torch.bool))
         self.register_buffer("jtt_identified", torch.tensor(False))
 

@@ -22,7 +22,7 @@ from cdistill.robust.dist import all_cat
 from cdistill.robust.groups import train_groups
 from cdistill.robust.losses import generalized_cross_entropy, relative_difficulty
 from cdistill.robust.supervision import Supervision
-from cdistill.tasks.classifier import Batch, to_plain
+from cdistill.tasks.classifier import Batch
 from cdistill.tasks.group_robust import GroupRobustModule
 from cdistill.utils.buffers import FittedBuffers
 from cdistill.utils.datamodule import attached_data
@@ -48,8 +48,7 @@ class LfFModule(FittedBuffers, GroupRobustModule):
 
     def __init__(self, lff: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.lff_cfg = LfFConfig.from_dict(to_plain(lff))
-        self.save_hyperparameters({"lff": self.lff_cfg.to_dict()})
+        self.lff_cfg = self.method_config(LfFConfig.from_dict, lff)
         student = dict(self.hparams["student"])
         student["checkpoint_path"] = None  # the biased model starts afresh
         self.biased = create_student(**student)

@@ -1,21 +1,13 @@
-"""Small shared utilities of cdistill (used by the package and by ``datamodules``)."""
+"""Small shared utilities of cdistill (used by the package and by ``datamodules``).
 
-from cdistill.utils.atomic import (
-    MANIFEST,
-    build_file,
-    build_folder,
-    check_folder,
-    exclusive_lock,
-    lock_path,
-    remove_lock_if_free,
-)
+The atomic-build helpers of :mod:`cdistill.utils.atomic` are re-exported here (``X as X``: one
+list of the public names rather than an import list and an ``__all__`` that repeat each other).
+"""
 
-__all__ = [
-    "MANIFEST",
-    "build_file",
-    "build_folder",
-    "check_folder",
-    "exclusive_lock",
-    "lock_path",
-    "remove_lock_if_free",
-]
+from cdistill.utils.atomic import MANIFEST as MANIFEST
+from cdistill.utils.atomic import build_file as build_file
+from cdistill.utils.atomic import build_folder as build_folder
+from cdistill.utils.atomic import check_folder as check_folder
+from cdistill.utils.atomic import exclusive_lock as exclusive_lock
+from cdistill.utils.atomic import lock_path as lock_path
+from cdistill.utils.atomic import remove_lock_if_free as remove_lock_if_free

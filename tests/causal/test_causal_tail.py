@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from cdistill.causal import extract_causal_bases
 from cdistill.causal.ablation import Ablation, ablate, to_rows, watch
-from cdistill.causal.basis import _derangement
+from cdistill.causal.common import derangement
 from cdistill.causal.tail import TailReplay, TailUnavailable, build_tail
 from cdistill.errors import CdistillError
 from cdistill.models.students import create_student
@@ -86,7 +86,7 @@ def _ablation(
         space,
         direction=direction[:, 0] if rank == 1 else direction,
         mean=rows.reshape(-1, d).mean(0) + torch.randn(d, generator=g),
-        source=_derangement(x.shape[0], g),
+        source=derangement(x.shape[0], g),
     )
 
 

@@ -12,18 +12,10 @@ from torch import nn
 
 from cdistill.concepts import load_spec
 from cdistill.errors import CdistillError
+from cdistill.objective import counterfactual as cf
 from cdistill.objective.concept_images import ConceptImageSet, ConceptImageTerms
 from cdistill.objective.concept_outputs import output_divergence
 from cdistill.objective.config import CounterfactualConfig, OutputConfig
-from cdistill.objective.counterfactual import (
-    ShiftLayer,
-    affine,
-    foreground,
-    mapped,
-    shift,
-    transport,
-    value_means,
-)
 
 
 def test_uniform_divergence_is_zero_only_at_uniform() -> None:
@@ -118,11 +110,11 @@ def test_moments_move_each_foreground_channel_to_the_other_values_mean_and_sprea
         a[:, 0] = mu + sd * torch.randn(n, 6, 6, generator=gen)
         a[:, 1] = 3.0
         return a * fg
-    stats = value_means([draw(1.0, 0.5, 400), draw(4.0, 2.0, 400)], blank, "moments")
+    stats = cf.value_means([draw(1.0, 0.5, 400), draw(4.0, 2.0, 400)], blank, "moments")
     assert stats.shape == (2, 2, 2)
     assert stats[1, 0, 0].item() == pytest.approx(4.0, abs=0.05) and stats[1, 1, 0].item() == pytest.approx(2.0, abs=0.05)
     acts = draw(1.0, 0.5, 200)
-    scale, delta = affine(stats, torch.zeros(200, dtype=torch.long), torch.ones(200, dtype=torch.long), acts, blank)
+    scale, delta = cf.affine(stats, torch.zeros(200, dtype=torch.long), torch.ones(200, dtype=torch.long), acts, blank)
     moved = scale * acts + delta
     inside = moved[:, 0][fg[0, 0].expand(200, 6, 6) > 0]
     assert inside.mean().item() == pytest.approx(4.0, abs=0.1) and inside.std().item() == pytest.approx(2.0, abs=0.1)
@@ -130,7 +122,7 @@ def test_moments_move_each_foreground_channel_to_the_other_values_mean_and_sprea
     # the constant channel has no spread: shifted only (3 -> 3), not rescaled by 0/0
     assert torch.allclose(moved[:, 1][fg[0, 0].expand(200, 6, 6) > 0], torch.tensor(3.0))
     with pytest.raises(ValueError, match="affine"):
-        shift(stats, torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), "moments", acts[:1], blank)
+        cf.shift(stats, torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), "moments", acts[:1], blank)
 
 
 def test_transport_maps_one_values_channel_distribution_onto_the_others() -> None:
@@ -146,9 +138,9 @@ def test_transport_maps_one_values_channel_distribution_onto_the_others() -> Non
         z = torch.randn(n, 5, 5, 3, generator=gen)
         return (z @ mix[k].T + centre[k]).permute(0, 3, 1, 2)  # every position is foreground
 
-    stats = value_means([draw(0, 400), draw(1, 400)], blank, "transport")
+    stats = cf.value_means([draw(0, 400), draw(1, 400)], blank, "transport")
     assert stats.shape == (2, 4, 3)
-    matrices, offsets = transport(stats, torch.zeros(300, dtype=torch.long), torch.ones(300, dtype=torch.long))
+    matrices, offsets = cf.transport(stats, torch.zeros(300, dtype=torch.long), torch.ones(300, dtype=torch.long))
     acts = draw(0, 300)
     moved = torch.einsum("bcd,bdhw->bchw", matrices, acts) + offsets[:, :, None, None]
     rows = moved.permute(0, 2, 3, 1).reshape(-1, 3)
@@ -156,17 +148,17 @@ def test_transport_maps_one_values_channel_distribution_onto_the_others() -> Non
     target = mix[1] @ mix[1].T
     assert torch.allclose(torch.cov(rows.T), target, atol=0.15 * target.abs().max().item())
     # the identity pair maps to (almost) nothing: A = I, d = 0
-    same, zero = transport(stats, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    same, zero = cf.transport(stats, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     assert torch.allclose(same[0], torch.eye(3), atol=1e-4) and zero.abs().max() < 1e-3
     with pytest.raises(ValueError, match="transport"):
-        shift(stats, torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), "transport", acts[:1], blank)
+        cf.shift(stats, torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), "transport", acts[:1], blank)
 
 
 def test_shift_layer_parse_and_errors() -> None:
-    assert ShiftLayer.parse("pool1") == ShiftLayer("pool1", "flatten")
-    assert ShiftLayer.parse("input:position") == ShiftLayer("input", "position")
+    assert cf.ShiftLayer.parse("pool1") == cf.ShiftLayer("pool1", "flatten")
+    assert cf.ShiftLayer.parse("input:position") == cf.ShiftLayer("input", "position")
     with pytest.raises(CdistillError, match="not one of"):
-        ShiftLayer.parse("pool1:sideways")
+        cf.ShiftLayer.parse("pool1:sideways")
     with pytest.raises(CdistillError, match="sideways"):
         CounterfactualConfig.from_dict({"layers": ["input:sideways"]})
     assert [str(s) for s in CounterfactualConfig().layers_for("pool1")] == ["input:position", "pool1"]
@@ -182,20 +174,20 @@ def test_position_shift_lands_on_foreground_only() -> None:
     concept = [torch.zeros(3, 3, 4, 4), torch.zeros(3, 3, 4, 4)]
     concept[0][:, 0, 0, 0] = 2.0  # value 0: channel 0 where drawn
     concept[1][:, 1, 3, 3] = 4.0  # value 1: channel 1 where drawn
-    means = value_means(concept, blank, "position")
+    means = cf.value_means(concept, blank, "position")
     assert torch.allclose(means, torch.tensor([[2.0, 0, 0], [0, 4.0, 0]]))
-    delta = shift(means, torch.tensor([0, 1]), torch.tensor([1, 0]), "position", acts, blank)
+    delta = cf.shift(means, torch.tensor([0, 1]), torch.tensor([1, 0]), "position", acts, blank)
     assert torch.equal(delta[0, :, 1, 1], torch.tensor([-2.0, 4.0, 0]))
     assert delta[0].abs().sum() == 6.0  # nowhere else
     assert torch.equal(delta[1, :, 2, 2], torch.tensor([2.0, -4.0, 0])) and delta[1].abs().sum() == 12.0
-    assert torch.equal(foreground(acts, blank)[1, 0], acts[1, 0])
-    flat = shift(value_means(concept, blank, "flatten"), torch.tensor([0]), torch.tensor([1]), "flatten")
+    assert torch.equal(cf.foreground(acts, blank)[1, 0], acts[1, 0])
+    flat = cf.shift(cf.value_means(concept, blank, "flatten"), torch.tensor([0]), torch.tensor([1]), "flatten")
     assert flat.shape == (1, 3, 4, 4)
 
 
 def test_mapped_hook_is_removed_even_on_error() -> None:
     layer = nn.Identity()
-    with pytest.raises(RuntimeError), mapped(layer, lambda a: a + 1):
+    with pytest.raises(RuntimeError), cf.mapped(layer, lambda a: a + 1):
         assert layer(torch.zeros(1)).item() == 1.0
         raise RuntimeError("boom")
     assert layer(torch.zeros(1)).item() == 0.0 and not layer._forward_hooks
@@ -233,7 +225,7 @@ def test_counterfactual_cost_falls_when_the_cue_is_not_read(mode: str) -> None:
     for reads in (True, False):
         model = _TwoChannel(reads)
         terms = ConceptImageTerms(_cue_sets(), torch.zeros(1, 2, 3, 3), OutputConfig(per_set=5),
-                                  [ShiftLayer("input", mode)])
+                                  [cf.ShiftLayer("input", mode)])
         res = terms(model, model, x, y, torch.Generator().manual_seed(0))
         out[reads] = res
         task = F.cross_entropy(model(x), y)
@@ -248,4 +240,4 @@ def test_counterfactual_cost_falls_when_the_cue_is_not_read(mode: str) -> None:
 def test_counterfactual_needs_a_term_with_values() -> None:
     one = [ConceptImageSet([torch.zeros(2, 1, 2, 2)], [0], torch.zeros(2, 1, 2, 2), sensitize=False, weight=1.0)]
     with pytest.raises(CdistillError, match=r"\{y\}"):
-        ConceptImageTerms(one, torch.zeros(1, 1, 2, 2), OutputConfig(), [ShiftLayer("input")])
+        ConceptImageTerms(one, torch.zeros(1, 1, 2, 2), OutputConfig(), [cf.ShiftLayer("input")])
