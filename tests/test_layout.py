@@ -131,3 +131,43 @@ def test_tests_mirror_the_packages() -> None:
                  or (p.parent != tests and p.relative_to(tests).parts[0] not in parts)]
     assert not misplaced, f"test files outside tests/<subpackage>/: {misplaced}"
     assert (tests / "objective" / "test_losses.py").is_file()  # guards the test: the layout it checks exists
+
+
+#: Size limits of the layout: one job per module, functions that fit on a screen.
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LOC = 60
+MAX_DISTILL_LINES = 250  # the concept-distillation LightningModule: hooks and the loss only
+
+
+def code_lines(source: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines of code of a function: not blank, not a comment, not its docstring."""
+    body = node.body
+    doc: set[int] = set()
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        doc = set(range(body[0].lineno, (body[0].end_lineno or body[0].lineno) + 1))
+    end = node.end_lineno or node.lineno
+    return sum(1 for i in range(node.lineno, end + 1)
+               if i not in doc and source[i - 1].strip() and not source[i - 1].strip().startswith("#"))
+
+
+def test_code_lines_counts_code_only() -> None:
+    src = 'def f():\n    """Doc.\n\n    More."""\n    # why\n    x = 1\n\n    return x\n'
+    node = ast.parse(src).body[0]
+    assert isinstance(node, ast.FunctionDef)
+    assert code_lines(src.splitlines(), node) == 3  # def, x = 1, return
+
+
+def test_modules_and_functions_stay_small() -> None:
+    too_long: list[str] = []
+    for name, path in all_modules().items():
+        source = path.read_text().splitlines()
+        if len(source) > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {len(source)} lines")
+        for node in ast.walk(ast.parse("\n".join(source))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and code_lines(source, node) > MAX_FUNCTION_LOC:
+                too_long.append(f"{name}.{node.name}: {code_lines(source, node)} lines of code")
+    distill = len((ROOT / "cdistill" / "tasks" / "distill.py").read_text().splitlines())
+    if distill > MAX_DISTILL_LINES:
+        too_long.append(f"cdistill.tasks.distill: {distill} lines (limit {MAX_DISTILL_LINES})")
+    assert not too_long

@@ -26,7 +26,7 @@ from cdistill.concepts.cav import DEFAULT_SOLVER
 from cdistill.concepts.tcav import benjamini_hochberg, holm, run_tcav
 from cdistill.errors import CdistillError
 from cdistill.utils.capture import collect_activations, eval_mode
-from cdistill.utils.datamodule import ImageData
+from cdistill.utils.datamodule import ImageData, attached_image_data
 
 
 @dataclass
@@ -150,24 +150,25 @@ class TCAVCallback(pl.Callback):
 
     Args:
         spec: Concept-set spec. layer: Student layer path. concepts: Concept names (``{y}``
-        allowed). random, target, solver, correction: See :func:`tcav_table`.
+        allowed).
         every_n_epochs: Frequency. output_dir: Where plots go (default: trainer's log dir).
+        **table_kw: ``random``, ``target``, ``solver``, ``correction`` of :func:`tcav_table`
+            (its defaults apply to those not given).
     """
 
+    #: The keyword settings of :func:`tcav_table` the callback passes on (not ``split``: it scores val).
+    TABLE_KEYS = ("random", "target", "solver", "correction")
+
     def __init__(
-        self,
-        spec: str,
-        layer: str,
-        concepts: Sequence[str],
-        random: str = "random",
-        target: str = "logit",
-        solver: str = DEFAULT_SOLVER,
-        correction: str = "holm",
-        every_n_epochs: int = 1,
-        output_dir: str | None = None,
+        self, spec: str, layer: str, concepts: Sequence[str], every_n_epochs: int = 1, output_dir: str | None = None,
+        **table_kw: str,
     ) -> None:
+        unknown = sorted(set(table_kw) - set(self.TABLE_KEYS))
+        if unknown:
+            raise CdistillError(f"callbacks.tcav: unknown setting(s) {unknown}; the TCAV settings are "
+                                f"{list(self.TABLE_KEYS)}, every_n_epochs and output_dir.")
         self.spec, self.layer, self.concepts = spec, layer, list(concepts)
-        self.random, self.target, self.solver, self.correction = random, target, solver, correction
+        self.table_kw = dict(table_kw)
         self.every_n_epochs = every_n_epochs
         self.output_dir = output_dir
 
@@ -177,8 +178,7 @@ class TCAVCallback(pl.Callback):
         student = getattr(pl_module, "student", pl_module)
         with torch.inference_mode(False), torch.enable_grad():
             scores = tcav_table(
-                student, trainer.datamodule, self.spec, self.layer, self.concepts,  # type: ignore[attr-defined]
-                random=self.random, target=self.target, solver=self.solver, correction=self.correction,
+                student, attached_image_data(trainer, pl_module), self.spec, self.layer, self.concepts, **self.table_kw,
             )
         values = {f"tcav/{s.concept}": s.score for s in scores}
         values |= {f"tcav_p/{s.concept}": s.p_corrected for s in scores}

@@ -333,18 +333,14 @@ def run_tcav(
     runs = _runs(n_sets, n_runs)
     grads = target_gradients(model, layer, inputs, labels, target, batch_size=batch_size)
 
-    concept_cavs: list[CAVResult] = []
-    random_cavs: list[CAVResult] = []
-    for i in range(runs):
-        concept_cavs.append(
-            fit_cav(concept_acts, random_sets_acts[i], solver, test_fraction=test_fraction,
-                    seed=seed + i, concept=concept, negative=f"random{i}", layer=layer)
-        )
-        j = (i + 1) % n_sets
-        random_cavs.append(
-            fit_cav(random_sets_acts[j], random_sets_acts[i], solver, test_fraction=test_fraction,
-                    seed=seed + i, concept=f"random{j}", negative=f"random{i}", layer=layer)
-        )
+    def against_random(i: int, acts: Tensor, name: str) -> CAVResult:
+        # Run i's CAVs (the concept's and its null's) share random set i as negatives and one split seed.
+        return fit_cav(acts, random_sets_acts[i], solver, test_fraction=test_fraction, seed=seed + i,
+                       concept=name, negative=f"random{i}", layer=layer)
+
+    concept_cavs = [against_random(i, concept_acts, concept) for i in range(runs)]
+    random_cavs = [against_random(i, random_sets_acts[(i + 1) % n_sets], f"random{(i + 1) % n_sets}")
+                   for i in range(runs)]
     if min_accuracy is not None:
         concept_cavs = gate_cavs(concept_cavs, min_accuracy)
         if len(concept_cavs) < 2:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -60,3 +61,10 @@ def test_tcav_table_restores_train_mode_when_a_concept_is_missing() -> None:
     else:
         raise AssertionError("a missing concept must raise")
     assert all(m.training for m in student.modules())
+
+
+def test_callback_names_an_unknown_setting() -> None:
+    cb = TCAVCallback("concepts/color_mnist.yaml", "conv2", ["color_{y}"], random="random", correction="bh")
+    assert cb.table_kw == {"random": "random", "correction": "bh"}
+    with pytest.raises(CdistillError, match="colour"):
+        TCAVCallback("concepts/color_mnist.yaml", "conv2", ["color_{y}"], colour="red")
