@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -63,3 +64,23 @@ def one_sgd_step_run(tmp: Path, name: str, experiment: str, extra: Sequence[str]
                          capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     return torch.load(tmp / name / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def small_color_mnist() -> Any:
+    """A ColorMNIST datamodule of 300 training digits, set up for fit (one per test module)."""
+    from datamodules import ColorMNISTDataModule
+
+    dm = ColorMNISTDataModule(max_train_samples=300)
+    dm.setup("fit")
+    return dm
+
+
+def tiny_distill(layer: str, **kw: Any) -> Any:
+    """A ConceptDistillModule on the MNIST CNN with Adam (lr 1e-3) and the gradient-direction loss
+    off; ``kw`` adds or replaces its arguments."""
+    from cdistill.tasks.distill import ConceptDistillModule
+
+    args: dict[str, Any] = {"layer": layer, "lambda_c": 0.0, "student": {"name": "mnist_cnn"},
+                            "optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3}}
+    return ConceptDistillModule(**(args | kw))

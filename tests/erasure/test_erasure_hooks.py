@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import one_sgd_step_run
+from conftest import one_sgd_step_run, tiny_distill
 from omegaconf import DictConfig, open_dict
 from torch import Tensor, nn
 
@@ -155,19 +155,13 @@ def test_bad_input_is_clear() -> None:
 
 
 @pytest.fixture(scope="module")
-def dm() -> ColorMNISTDataModule:
-    d = ColorMNISTDataModule(max_train_samples=300)
-    d.setup("fit")
-    return d
+def dm(small_color_mnist: ColorMNISTDataModule) -> ColorMNISTDataModule:
+    return small_color_mnist
 
 
 def make(**kw: Any) -> ConceptDistillModule:
-    args: dict[str, Any] = {
-        "layer": "conv2", "lambda_c": 0.0, "erasure": ERASURE,
-        "student": {"name": "mnist_cnn"}, "optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3},
-    }
-    args.update(kw)
-    return ConceptDistillModule(**args)
+    module: ConceptDistillModule = tiny_distill(**({"layer": "conv2", "erasure": ERASURE} | kw))
+    return module
 
 
 def test_module_checkpoint_round_trip_bitwise(dm: ColorMNISTDataModule, tmp_path: Path) -> None:

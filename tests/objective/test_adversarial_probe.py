@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_distill
 from torch import nn
 
 from cdistill.errors import CdistillError
@@ -135,20 +136,16 @@ def test_probe_values_follow_the_probed_sets() -> None:
 
 # --------------------------------------------------------------------------- in the distill task
 @pytest.fixture(scope="module")
-def dm() -> ColorMNISTDataModule:
-    d = ColorMNISTDataModule(max_train_samples=300)
-    d.setup("fit")
-    return d
+def dm(small_color_mnist: ColorMNISTDataModule) -> ColorMNISTDataModule:
+    return small_color_mnist
 
 
 def make(**kw: Any) -> ConceptDistillModule:
-    args: dict[str, Any] = {
-        "layer": "pool1", "lambda_c": 0.0, "student": {"name": "mnist_cnn"},
-        "optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3},
+    module: ConceptDistillModule = tiny_distill(**({
+        "layer": "pool1", "probe": {"per_set": 2, "warm_steps": 20},
         "concepts": {"spec": "concepts/color_mnist.yaml", "terms": TERMS, "min_accuracy": 0.0},
-        "probe": {"per_set": 2, "warm_steps": 20},
-    }
-    return ConceptDistillModule(**(args | kw))
+    } | kw))
+    return module
 
 
 def test_probe_is_outside_the_student_and_in_the_optimizer(dm: ColorMNISTDataModule) -> None:

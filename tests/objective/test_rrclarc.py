@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_distill
 
 from cdistill.errors import CdistillError, NonFiniteError
 from cdistill.objective.config import RRClArCConfig
@@ -89,19 +90,15 @@ def test_classes_drawn_from_the_given_generator_only() -> None:
 
 # --------------------------------------------------------------------------- in the distill task
 @pytest.fixture(scope="module")
-def dm() -> ColorMNISTDataModule:
-    d = ColorMNISTDataModule(max_train_samples=300)
-    d.setup("fit")
-    return d
+def dm(small_color_mnist: ColorMNISTDataModule) -> ColorMNISTDataModule:
+    return small_color_mnist
 
 
 def make(**kw: Any) -> ConceptDistillModule:
-    args: dict[str, Any] = {
-        "layer": "pool1", "lambda_c": 0.0, "student": {"name": "mnist_cnn"},
-        "optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-3},
-        "concepts": {"spec": "concepts/color_mnist.yaml", "terms": TERMS, "min_accuracy": 0.0},
-    }
-    return ConceptDistillModule(**(args | kw))
+    module: ConceptDistillModule = tiny_distill(**({
+        "layer": "pool1", "concepts": {"spec": "concepts/color_mnist.yaml", "terms": TERMS, "min_accuracy": 0.0},
+    } | kw))
+    return module
 
 
 def _batch(dm: ColorMNISTDataModule, n: int = 16) -> dict[str, torch.Tensor]:
