@@ -48,11 +48,6 @@ from datamodules.loaders import SplitDataModule
 from datamodules.normalization import ChannelNormalization
 from datamodules.splits import seeded_subset
 
-# The file readers were defined here first; their import path stays.
-__all__ = [
-    "COLUMN_ROLES", "KNOWN_SPLITS", "MODES", "REQUIRED_SPLITS", "FolderDataModule", "FolderDataset", "FolderRow",
-    "build_transform", "extra_split_name", "image_tensor", "open_image", "parse_int", "read_csv",
-]
 log = logging.getLogger(__name__)
 #: Roles of the metadata columns; ``data.columns.<role>`` names the column that holds each.
 COLUMN_ROLES = ("path", "label", "bias", "split")
