@@ -77,6 +77,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 CELL_FILE = "compare_cell.json"  # the wall time of a finished cell, beside its results
 METRICS = (("acc", "test accuracy"), ("acc_conflicting", "bias-conflicting test accuracy"),
            ("acc_worst_group", "worst-group test accuracy"))
+#: A cell's timings and their section titles in the report.
+TIMES = (("wall_s", "Wall time per cell (s; a concept method's is its fine-tune alone: add the ERM row for its whole cost)"),
+         ("cpu_s", "CPU time per cell (s, user + system of all threads; does not grow with the machine's load)"))
 
 
 @dataclass(frozen=True)
@@ -469,15 +472,12 @@ def table(rows: Sequence[Mapping[str, Any]], png: str | None = None) -> str:
                 texts.append("reference" if m == "erm" else text)
             md.append(f"| {m} | {supervision(m)} | " + " | ".join(texts) + " |")
         md.append("")
-    md += ["## Wall time per cell (s; a concept method's is its fine-tune alone: add the ERM row for its whole cost)", "",
-           head, sep]
-    for m in methods:
-        md.append(f"| {m} | {supervision(m)} | " + " | ".join(cell_text(_by(cells, f, m), "wall_s") for f in families) + " |")
-    md += ["", "## CPU time per cell (s, user + system of all threads; does not grow with the machine's load)", "",
-           head, sep]
-    for m in methods:
-        md.append(f"| {m} | {supervision(m)} | " + " | ".join(cell_text(_by(cells, f, m), "cpu_s") for f in families) + " |")
-    md += ["", *matched_table(cells, families), "", *not_run(cells)]
+    for key, title in TIMES:
+        md += [f"## {title}", "", head, sep]
+        for m in methods:
+            md.append(f"| {m} | {supervision(m)} | " + " | ".join(cell_text(_by(cells, f, m), key) for f in families) + " |")
+        md.append("")
+    md += [*matched_table(cells, families), "", *not_run(cells)]
     if png:
         md += ["", f"![gap closed and bias-conflicting accuracy]({png})"]
     return "\n".join(md) + "\n"

@@ -65,9 +65,14 @@ def oracle(family: str, seed: int, runs: Path, overrides: Sequence[str] = (), fo
     return json.loads((out / "metrics.json").read_text())
 
 
+def run_dir(runs: Path, family: str, name: str, seed: int) -> Path:
+    """The pipeline folder of one (family, variant, seed)."""
+    return runs / family / f"{name}_seed{seed}"
+
+
 def fine_tune(family: str, seed: int, recipe: str, name: str, overrides: list[str], runs: Path) -> float:
     """Run the pipeline (base model, then the fine-tune) of one (family, seed); its wall seconds."""
-    out = runs / family / f"{name}_seed{seed}"
+    out = run_dir(runs, family, name, seed)
     return _run(["pipeline.py", f"experiment={family}/{recipe}", f"pipeline.seeds=[{seed}]",
                  "pipeline.tcav.enabled=false", "pipeline.reliance.enabled=false", *overrides, f"hydra.run.dir={out}"],
                 out / "run.log")
@@ -75,7 +80,7 @@ def fine_tune(family: str, seed: int, recipe: str, name: str, overrides: list[st
 
 def row_of(family: str, seed: int, recipe: str, name: str, overrides: list[str], runs: Path, wall: float) -> dict[str, Any]:
     """The JSON row of a finished (family, seed): its pipeline's figures beside its oracle's."""
-    out = runs / family / f"{name}_seed{seed}"
+    out = run_dir(runs, family, name, seed)
     rec = json.loads((out / "pipeline.json").read_text())[0]
     orc = oracle(family, seed, runs)
     row: dict[str, Any] = {"family": family, "seed": seed, "recipe": recipe, "name": name, "overrides": overrides,
@@ -133,10 +138,10 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         # Fine-tunes first (the long runs), then the oracles, so the last runs to start are short.
         walls = {c: pool.submit(fine_tune, *c, args.recipe, name, args.overrides, args.runs) for c in cells}
-        oracles = [pool.submit(oracle, *c, args.runs) for c in cells]
-        for fut in oracles:
-            fut.result()
+        oracles = {c: pool.submit(oracle, *c, args.runs) for c in cells}
         for (family, seed), wall in walls.items():
+            # Each row is written as soon as its own runs are done, so a later failure loses no finished row.
+            oracles[family, seed].result()
             row = row_of(family, seed, args.recipe, name, args.overrides, args.runs, wall.result())
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
