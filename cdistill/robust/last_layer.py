@@ -151,7 +151,7 @@ def fit_dfr_head(features: Tensor, labels: Tensor, groups: Tensor, num_classes: 
     present, sizes = torch.unique(groups, return_counts=True)
     if present.numel() == 0:
         raise CdistillError(
-            "DFR needs a (label, bias) group with at least two held-out samples in val ∪ val_reversed, and "
+            "DFR needs a (label, bias) group with at least two held-out samples (model.dfr.splits), and "
             "there is none: enlarge the validation splits (or give their samples a bias value other than -1)."
         )
     per_group = int(sizes.min())

@@ -3,9 +3,12 @@
 Training is plain ERM (the base model, validated and selected by the protocols as any
 baseline). Before each test, the weights under test (each protocol's selected checkpoint) keep
 every parameter but the student's final linear layer, which is retrained by an L2 logistic
-regression on frozen features of a group-balanced held-out set drawn from the validation splits
-``val`` ∪ ``val_reversed`` (:func:`cdistill.robust.last_layer.fit_dfr_head`), its strength chosen
-on part of that set. ``model.dfr.heldout_size`` caps the held-out set, e.g. to the number of
+regression on frozen features of a group-balanced held-out set drawn from validation data
+(:func:`cdistill.robust.last_layer.fit_dfr_head`), its strength chosen on part of that set. The
+held-out set is ``model.dfr.splits``, by default the datamodule's random-cue ``val_random``
+where it has one (the biased-MNIST families) and ``val`` ∪ ``val_reversed`` otherwise:
+``val_reversed`` carries the test split's own cue mapping (colour ``9 - y`` on ColorMNIST), so a
+head fitted on it learns that mapping and scores well on that test alone, not on a random cue. ``model.dfr.heldout_size`` caps the held-out set, e.g. to the number of
 concept images a concept method is given.
 """
 
@@ -18,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch.utils.data import DataLoader
 
+from cdistill.errors import unknown_name
 from cdistill.objective.config import DFRConfig
 from cdistill.robust.groups import group_of
 from cdistill.robust.last_layer import DFRHead, final_linear, fit_dfr_head
@@ -96,10 +100,30 @@ class DFRModule(GroupRobustModule):
         self.last_head = head
         return head
 
+    def heldout_splits(self, dm: Any) -> list[str]:
+        """The held-out splits: ``model.dfr.splits``, else the datamodule's ``heldout_names``
+        (random-cue validation images), else ``val`` ∪ ``val_reversed`` (``val`` alone where
+        ``val_reversed`` is its conflicting part).
+
+        Raises:
+            CdistillError: A configured split the datamodule does not have.
+        """
+        if self.dfr_cfg.splits is not None:
+            known = list(getattr(dm, "split_names", dm.val_names))
+            for name in self.dfr_cfg.splits:
+                if name not in known:
+                    raise unknown_name("model.dfr.splits entry", name, known,
+                                       f"Use validation splits of this data: {', '.join(known)}.")
+            return list(self.dfr_cfg.splits)
+        if getattr(dm, "heldout_names", None):
+            return list(dm.heldout_names)
+        if getattr(dm, "val_reversed_in_val", False):
+            return ["val"]
+        return [n for n in ("val", "val_reversed") if n in dm.val_names]
+
     def on_test_start(self) -> None:
         dm = attached_data(self.trainer, self)
-        names = ["val"] if getattr(dm, "val_reversed_in_val", False) else [n for n in ("val", "val_reversed")
-                                                                           if n in dm.val_names]
+        names = self.heldout_splits(dm)
         head = self.retrain_last_layer([dm.split(n) for n in names], int(getattr(dm, "eval_batch_size", 256)))
         log.info("DFR: last layer retrained on %d held-out images of %s (L2 %g, worst-group accuracy %.3f on the "
                  "scoring part)", head.heldout_size, " ∪ ".join(names), head.l2, head.tune_worst_acc)

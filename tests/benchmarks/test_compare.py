@@ -76,6 +76,16 @@ def test_report_shows_means_gaps_supervision_and_every_cell_that_did_not_run(tmp
     assert "val_reversed" in md and "test split's cue mapping" in md
 
 
+def test_random_cue_accuracy_is_read_from_each_familys_random_cue_test() -> None:
+    cmp = _compare()
+    metrics = {f"{r}/{split}/acc": v for r in ("strict", "worst")
+               for split, v in (("test", 0.97), ("test_random_color", 0.24), ("test_random_glyph", 0.5))}
+    assert cmp.row_from_metrics(metrics, "color_mnist")["strict/acc_random"] == pytest.approx(24.0)
+    assert cmp.row_from_metrics(metrics, "marker_mnist")["worst/acc_random"] == pytest.approx(50.0)
+    assert cmp.row_from_metrics(metrics, "texture_mnist")["strict/acc_random"] == pytest.approx(97.0)  # test is random
+    assert cmp.row_from_metrics(metrics, "decoy_mnist")["strict/acc_random"] is None  # it has no such split
+
+
 def test_a_method_with_no_seed_run_shows_its_status_not_a_number(tmp_path: Path) -> None:
     cmp = _compare()
     rows = [_row("faces", "erm", 1, 55.0), _row("faces", "lff", 1, status="not run: budget")]

@@ -22,6 +22,7 @@ from datamodules import (
     ColorMNISTDataModule,
     DecoyMNISTDataModule,
     EpochSeededSampler,
+    MarkerMNISTDataModule,
     TextureMNISTDataModule,
     create_datamodule,
 )
@@ -89,7 +90,7 @@ def test_full_mnist_root_uses_official_test_set(tmp_path: Path) -> None:
 
     dm = DecoyMNISTDataModule(root=str(tmp_path), test_fraction=0.9)  # unused with a root
     sizes = {name: len(dm.split(name)) for name in dm.split_names}
-    assert sizes == {"train": 160, "val": 20, "val_reversed": 20, "test": 30}
+    assert sizes == {"train": 160, "val": 20, "val_reversed": 20, "val_random": 40, "test": 30}
     assert torch.equal(dm.split("test").digits, images[test_idx])
     assert torch.equal(dm.split("test").labels, labels[test_idx])
     carved = torch.cat([dm.split_indices[s] for s in ("train", "val", "val_reversed")])
@@ -150,6 +151,28 @@ def test_color_mnist_random_colour_split() -> None:
     assert torch.equal(ds.images, painted(ds.digits, PALETTE[ds.bias][:, :, None, None]))
     assert torch.bincount(ds.bias, minlength=10).min() > 50  # roughly uniform over 10
     assert 0.03 < (ds.bias == ds.labels).float().mean() < 0.2
+
+
+@pytest.mark.parametrize("cls", [ColorMNISTDataModule, TextureMNISTDataModule, DecoyMNISTDataModule, MarkerMNISTDataModule])
+def test_val_random_redraws_the_validation_digits_with_a_random_cue(cls: type[BiasedMNISTDataModule]) -> None:
+    dm = built(cls)
+    ds, val, rev = (dm.split(s) for s in ("val_random", "val", "val_reversed"))
+    assert "val_random" in dm.heldout_names and "val_random" not in dm.val_names  # not validated each epoch
+    assert torch.equal(ds.digits, torch.cat([val.digits, rev.digits]))  # validation digits, never test ones
+    assert torch.equal(ds.labels, torch.cat([val.labels, rev.labels]))
+    assert torch.bincount(ds.bias, minlength=10).min() > 50  # the cue's class: roughly uniform over 10
+    assert 0.03 < (ds.bias == ds.labels).float().mean() < 0.2
+
+
+def test_val_random_changes_no_other_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datamodules.biased_mnist as biased
+
+    monkeypatch.setattr(biased, "RANDOM_CUE_SPLITS", {})
+    without = MarkerMNISTDataModule(seed=0)  # positions are drawn per split: the strictest family
+    without.setup()
+    assert without.heldout_names == []
+    for split in ("train", *without.val_names, *without.test_names):
+        assert torch.equal(without.split(split).images, built(MarkerMNISTDataModule).split(split).images), split
 
 
 def test_color_mnist_pixel_hard_has_many_colours_per_digit() -> None:

@@ -204,6 +204,35 @@ def test_dfr_retrains_only_the_last_layer() -> None:
     assert torch.allclose(module.student.fc2(x), x @ head.weight.T + head.bias, atol=1e-5)
 
 
+class _Attached:
+    """The DFR module's view of a datamodule: its split names only."""
+
+    def __init__(self, dm: ColorMNISTDataModule) -> None:
+        self.val_names, self.heldout_names, self.split_names = dm.val_names, dm.heldout_names, dm.split_names
+
+
+def test_dfr_holds_out_random_cue_images_by_default_and_what_is_configured() -> None:
+    dm = _Attached(_color())
+    assert DFRModule(student=STUDENT, optimizer=ADAM).heldout_splits(dm) == ["val_random"]
+    chosen = DFRModule(dfr={"splits": ["val", "val_reversed"]}, student=STUDENT, optimizer=ADAM)
+    assert chosen.heldout_splits(dm) == ["val", "val_reversed"]
+    dm.heldout_names = []  # data without a random-cue split (the faces, a folder): val ∪ val_reversed
+    assert DFRModule(student=STUDENT, optimizer=ADAM).heldout_splits(dm) == ["val", "val_reversed"]
+    with pytest.raises(CdistillError, match=r"model\.dfr\.splits entry 'val_random_x'.*val_random"):
+        DFRModule(dfr={"splits": ["val_random_x"]}, student=STUDENT, optimizer=ADAM).heldout_splits(dm)
+    with pytest.raises(CdistillError, match=r"model\.dfr\.splits=\[\]"):
+        DFRConfig(splits=())
+
+
+def test_dfr_on_random_cue_images_balances_many_groups() -> None:
+    torch.manual_seed(0)
+    dm = _color()
+    module = DFRModule(dfr={"num_fits": 2}, student=STUDENT, optimizer=ADAM)
+    head = module.retrain_last_layer([dm.split("val_random")], batch_size=256)
+    # ~10 images in each of 100 (label, colour) groups: balanced to the smallest group kept (>= 2).
+    assert 100 <= head.heldout_size <= 1000 and head.heldout_size % 10 == 0
+
+
 def test_dfr_heldout_size_below_the_number_of_groups_is_an_error() -> None:
     dm = _color()
     module = DFRModule(dfr={"heldout_size": 5}, student=STUDENT, optimizer=ADAM)
