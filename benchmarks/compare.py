@@ -25,7 +25,8 @@ that fails is recorded ``failed: <reason>``, one that does not fit ``--budget-mi
 the whole command) ``not run: budget``; the table prints both. Hydra overrides after ``--`` apply
 to every cell and the oracle (e.g. ``-- trainer.max_epochs=1`` for a smoke run, or
 ``data.conflicting_fraction=0.05``; give such variants their own ``--runs``).
-``--table`` writes ``compare.md`` and ``compare.png`` (methods x families heat map) beside the JSONL.
+``--read-only`` runs nothing: it writes the rows of the finished cells (and lists the others as
+not run), e.g. to publish while runs go on. ``--table`` writes ``compare.md`` and ``compare.png`` (methods x families heat map) beside the JSONL.
 """
 
 from __future__ import annotations
@@ -259,11 +260,20 @@ class Budget:
     minutes: float | None
     start: float = field(default_factory=time.time)
     walls: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    #: Run nothing: read the finished cells and record the others as not run (``--read-only``).
+    read_only: bool = False
+
+    @property
+    def refusal(self) -> str:
+        """The status of a cell this budget does not let run."""
+        return "not run: not finished yet (--read-only)" if self.read_only else "not run: budget"
 
     def left(self) -> float | None:
         return None if self.minutes is None else 60 * self.minutes - (time.time() - self.start)
 
     def fits(self, family: str, method: str) -> bool:
+        if self.read_only:
+            return False
         left = self.left()
         if left is None:
             return True
@@ -303,7 +313,7 @@ def run_cell(family: Family, method: str, seed: int, runs: Path, extra: Sequence
         row["status"] = f"not run: its ERM base model is missing (erm: {erm_status})"
         return row
     elif not budget.fits(family.label, method):
-        row["status"] = "not run: budget"
+        row["status"] = budget.refusal
         return row
     else:
         left = budget.left()
@@ -373,7 +383,7 @@ def run_all(families: Sequence[Family], methods: Sequence[str], seeds: Sequence[
                 if orc is None and erm_status == "ok":  # the oracle once per (family, seed); a trained one is read
                     trained = (runs / family.folder / f"oracle_seed{seed}" / "metrics.json").exists()
                     orc = _oracle_acc(family, seed, runs, extra) if trained or budget.fits(family.label, "oracle") \
-                        else (None, "not run: budget")
+                        else (None, budget.refusal)
                 row["oracle_acc"], row["oracle_status"] = orc if orc else (None, "not run: ERM did not run")
                 emit(row)
     return rows
@@ -583,6 +593,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--budget-min", type=float, default=None, help="wall minutes for the whole command")
+    ap.add_argument("--read-only", action="store_true", help="run nothing: rows of the finished cells only")
     ap.add_argument("--runs", type=Path, default=ROOT / "logs" / "compare")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "compare_runs.jsonl")
     ap.add_argument("--table", type=Path, default=None, help="write the report of a JSONL file and exit")
@@ -595,7 +606,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.families:
         ap.error("give --families (or --table)")
     families = [parse_family(f) for f in args.families]
-    run_all(families, args.methods, args.seeds, args.runs.resolve(), args.out, args.overrides, Budget(args.budget_min))
+    run_all(families, args.methods, args.seeds, args.runs.resolve(), args.out, args.overrides,
+            Budget(args.budget_min, read_only=args.read_only))
     print(write_report(args.out, args.md or args.out.parent / "compare.md"))
 
 
