@@ -23,7 +23,7 @@ from torch import nn
 from cdistill.cli.loggers import log_pngs
 from cdistill.concepts import load_spec, preprocess
 from cdistill.concepts.cav import DEFAULT_SOLVER
-from cdistill.concepts.tcav import benjamini_hochberg, holm, run_tcav
+from cdistill.concepts.tcav import benjamini_hochberg, holm, run_tcav, target_gradients
 from cdistill.errors import CdistillError
 from cdistill.utils.capture import collect_activations, eval_mode
 from cdistill.utils.datamodule import ImageData, attached_image_data
@@ -95,7 +95,8 @@ def tcav_table(
         for name, x, y in jobs:
             if name not in sets:
                 raise CdistillError(f"Concept {name!r} is not in the spec {spec!r}; it has {sorted(sets)}.")
-            results.append(run_tcav(model, layer, x, y, acts(name), randoms, solver=solver, target=target, concept=name))
+            grads = target_gradients(model, layer, x, y, target)
+            results.append(run_tcav(grads, layer, acts(name), randoms, solver=solver, concept=name))
     pvals = [r.p_value for r in results]
     corrected = holm(pvals) if correction == "holm" else benjamini_hochberg(pvals)
     return [

@@ -122,36 +122,23 @@ def target_gradients(
     return torch.cat(grads)
 
 
-def directional_derivatives(
-    model: nn.Module,
-    layer: str,
-    inputs: Tensor,
-    cav: Tensor,
-    labels: Tensor | int | None = None,
-    target: str | TargetFn = "logprob",
-    *,
-    batch_size: int | None = None,
-) -> Tensor:
+def directional_derivatives(grads: Tensor, cav: Tensor) -> Tensor:
     """Directional derivatives ``S(x) = ∇_a f(x) · v`` along a CAV (see the module docstring).
 
     Args:
-        model: The model.
-        layer: Layer spec.
-        inputs: Inputs ``[B, ...]``.
-        cav: CAV ``[d]`` (unit normal pointing towards the concept) or CAVs ``[m, d]``.
-        labels: Class per input ``[B]`` or one int, for the named targets.
-        target: ``"logprob"``, ``"logit"`` or a callable (see :func:`target_gradients`).
-        batch_size: Chunk size for the inputs.
+        grads: Target gradients ``[B, d]`` at a layer, from :func:`target_gradients` (computed
+            once, they serve any number of CAVs).
+        cav: CAV ``[d]`` (unit normal pointing towards the concept) or CAVs ``[m, d]``, fitted
+            at the same layer.
 
     Returns:
         ``[B]`` for one CAV, ``[B, m]`` for several.
     """
-    grads = target_gradients(model, layer, inputs, labels, target, batch_size=batch_size)
     vecs = cav.to(grads.device, grads.dtype)
-    if vecs.shape[-1] != grads.shape[1]:
+    if grads.ndim != 2 or vecs.shape[-1] != grads.shape[1]:
         raise CdistillError(
-            f"The CAV has d={vecs.shape[-1]} but layer {layer!r} has d={grads.shape[1]} "
-            "(flattened); fit the CAV at this layer."
+            f"The CAV has d={vecs.shape[-1]} but the target gradients have shape {tuple(grads.shape)} "
+            "([B, d], d the flattened layer size); fit the CAV at the gradients' layer."
         )
     return grads @ vecs.T if vecs.ndim == 2 else grads @ vecs
 
@@ -285,27 +272,23 @@ def _runs(n_sets: int, n_runs: int | None) -> int:
 
 
 def run_tcav(
-    model: nn.Module,
+    grads: Tensor,
     layer: str,
-    inputs: Tensor,
-    labels: Tensor | int | None,
     concept_acts: Tensor,
     random_sets_acts: Sequence[Tensor],
     solver: str = DEFAULT_SOLVER,
-    target: str | TargetFn = "logprob",
     n_runs: int | None = None,
     *,
     concept: str = "concept",
     min_accuracy: float | None = None,
     test_fraction: float = 0.3,
     seed: int = 0,
-    batch_size: int | None = None,
 ) -> TCAVResult:
     """TCAV with a significance test against random directions.
 
     Run ``i`` fits the concept against random set ``i`` and, as its null counterpart,
-    random set ``i + 1`` against random set ``i``. The target gradients are computed once
-    and reused for every CAV.
+    random set ``i + 1`` against random set ``i``. Every CAV is scored on the one set of
+    target gradients, which the caller computes with :func:`target_gradients`.
 
     Caveat: all runs share the one concept set, so its runs are not independent and the
     t-test is optimistic (with a random set as the "concept", p < 0.05 comes up in ~20%
@@ -313,25 +296,22 @@ def run_tcav(
     layers (:func:`holm`, :func:`benjamini_hochberg`), and read the effect size too.
 
     Args:
-        model: The model.
-        layer: Layer spec.
-        inputs: Inputs ``[B, ...]`` to score (e.g. images of one class).
-        labels: Class per input ``[B]`` or one int (for the named targets).
+        grads: Target gradients ``[B, d]`` at ``layer`` of the inputs to score (e.g. images of
+            one class), from :func:`target_gradients`.
+        layer: Layer spec (CAV metadata and messages).
         concept_acts: Concept activations at ``layer`` ``[n, ...]``.
         random_sets_acts: Activations of at least 2 random sets at ``layer``.
-        solver: CAV solver. target: TCAV target (see :func:`target_gradients`).
+        solver: CAV solver.
         n_runs: Number of runs (default and maximum: the number of random sets).
         concept: Concept name (metadata and warnings).
         min_accuracy: If set, drop concept CAVs below this held-out accuracy (warns).
         test_fraction: Held-out fraction for the CAV fits. seed: Seed of the splits.
-        batch_size: Chunk size for the gradient computation.
 
     Returns:
         A :class:`TCAVResult`.
     """
     n_sets = len(random_sets_acts)
     runs = _runs(n_sets, n_runs)
-    grads = target_gradients(model, layer, inputs, labels, target, batch_size=batch_size)
 
     def against_random(i: int, acts: Tensor, name: str) -> CAVResult:
         # Run i's CAVs (the concept's and its null's) share random set i as negatives and one split seed.
@@ -351,7 +331,7 @@ def run_tcav(
             )
 
     def score(result: CAVResult) -> float:
-        return tcav_score(grads @ result.vector.to(grads.device, grads.dtype))
+        return tcav_score(directional_derivatives(grads, result.vector))
 
     scores = [score(r) for r in concept_cavs]
     random_scores = [score(r) for r in random_cavs]

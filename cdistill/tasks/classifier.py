@@ -46,6 +46,18 @@ def check_nonfinite_mode(mode: str) -> None:
         raise CdistillError(f"model.on_nonfinite={mode!r}: use one of {NONFINITE_MODES}.")
 
 
+def fit_hparams(
+    student: Mapping[str, Any], optimizer: Mapping[str, Any], scheduler: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """What every task module trains its student with, as the first hyperparameters it saves:
+    ``student`` (keyword arguments of the student's factory), ``optimizer`` and the optional
+    ``scheduler`` (Hydra-style ``_target_`` configs), as plain dicts (checkpoints stay loadable
+    with ``weights_only=True``), the learning rate checked (:func:`check_optimizer`)."""
+    student, optimizer, scheduler = to_plain(student), to_plain(optimizer), to_plain(scheduler)
+    check_optimizer(optimizer)
+    return {"student": dict(student), "optimizer": dict(optimizer), "scheduler": None if scheduler is None else dict(scheduler)}
+
+
 def nonfinite_count(x: torch.Tensor) -> int:
     """Number of NaN/Inf entries of ``x`` (any shape); one device sync."""
     return int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
@@ -262,14 +274,11 @@ class ClassifierModule(EvalSplitsModule):
         on_nonfinite: str = "error",
     ) -> None:
         super().__init__()
-        student, optimizer, scheduler = to_plain(student), to_plain(optimizer), to_plain(scheduler)
-        check_optimizer(optimizer)
+        fit = fit_hparams(student, optimizer, scheduler)
         check_nonfinite_mode(on_nonfinite)
         self.save_hyperparameters(
             {
-                "student": dict(student),
-                "optimizer": dict(optimizer),
-                "scheduler": None if scheduler is None else dict(scheduler),
+                **fit,
                 "num_classes": num_classes,
                 "num_bias_groups": num_bias_groups,
                 "val_names": list(val_names),
@@ -277,7 +286,7 @@ class ClassifierModule(EvalSplitsModule):
                 "on_nonfinite": on_nonfinite,
             }
         )
-        self.student = create_student(**student)
+        self.student = create_student(**fit["student"])
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.eval_metrics = nn.ModuleDict()
         self._build_eval_metrics([*val_names, *test_names])

@@ -15,7 +15,6 @@ concept images a concept method is given.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -33,7 +32,7 @@ from cdistill.utils.datamodule import attached_data
 log = logging.getLogger(__name__)
 
 
-class DFRModule(GroupRobustModule):
+class DFRModule(GroupRobustModule[DFRConfig]):
     """DFR (see the module docstring; :class:`~cdistill.objective.config.DFRConfig`).
 
     Logs, with each test, ``test/dfr_l2`` (the chosen strength), ``test/dfr_heldout_size`` and
@@ -45,11 +44,10 @@ class DFRModule(GroupRobustModule):
     """
 
     supervision: ClassVar[Supervision] = "val group labels"
-    method: ClassVar[str] = "dfr"
+    config_class = DFRConfig
 
-    def __init__(self, dfr: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.dfr_cfg = self.method_config(DFRConfig.from_dict, dfr)
         final_linear(self.student, int(self.hparams["num_classes"]))  # fails now without a head
         self.last_head: DFRHead | None = None
         self._cache: tuple[torch.Tensor, torch.Tensor, DFRHead] | None = None
@@ -90,7 +88,7 @@ class DFRModule(GroupRobustModule):
             # Its own generator, seeded from the run's seed: every protocol's retrain (and every
             # rank's) draws the same subsets.
             gen = torch.Generator().manual_seed(torch.initial_seed() % (2**62) + 1)
-            head = fit_dfr_head(features, labels, groups, int(self.hparams["num_classes"]), self.dfr_cfg, gen)
+            head = fit_dfr_head(features, labels, groups, int(self.hparams["num_classes"]), self.method_cfg, gen)
             self._cache = (features, groups, head)
         layer = final_linear(self.student, int(self.hparams["num_classes"]))
         with torch.no_grad():

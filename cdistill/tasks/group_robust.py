@@ -10,14 +10,14 @@ LfF have modules of their own (``jtt.py``, ``dfr.py``, ``lff.py``).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 
 from cdistill.errors import CdistillError
 from cdistill.objective.config import GroupDROConfig, ReweightConfig
+from cdistill.objective.config_base import PlainConfig
 from cdistill.robust.dist import all_sum, world_size
 from cdistill.robust.groups import (
     GroupTable,
@@ -34,23 +34,26 @@ from cdistill.utils.datamodule import attached_data
 
 #: The keyword arguments of the plain classification task (what a method config may carry).
 CLASSIFIER_KEYS = tuple(p for p in inspect.signature(ClassifierModule.__init__).parameters if p != "self")
+#: A method's settings class (e.g. :class:`~cdistill.objective.config.JTTConfig`).
+M = TypeVar("M", bound=PlainConfig)
 
 
-class _MethodConfig(Protocol):
-    def to_dict(self) -> dict[str, Any]: ...
-
-
-M = TypeVar("M", bound=_MethodConfig)
-
-
-class GroupRobustModule(ClassifierModule):
+class GroupRobustModule(ClassifierModule, Generic[M]):
     """Base of the group-robust tasks (plain cross-entropy itself: ERM).
+
+    A method with settings names their class in ``config_class`` (and, for the type checker,
+    as the type argument: ``GroupRobustModule[JTTConfig]``). That class's ``where`` (e.g.
+    ``model.jtt``) names the model config's section it reads, and so the method: ``method``
+    is its last part (``jtt``). The base takes that keyword argument, parses it into
+    ``method_cfg`` and saves it in the hyperparameters under that name, so no subclass
+    repeats that ``__init__``.
 
     Buffers: ``train_group_counts`` (``int64 [G + 1]``: training samples per ``(label, bias)``
     group, the last slot counting samples of no group), filled when fitting starts.
 
     Args:
-        **kwargs: :class:`~cdistill.tasks.classifier.ClassifierModule` arguments only.
+        **kwargs: :class:`~cdistill.tasks.classifier.ClassifierModule` arguments, and the
+            method's settings as a dict under the key ``method`` (when it has ``config_class``).
 
     Raises:
         CdistillError: A model key of another task (e.g. a concept method's ``layer`` or
@@ -59,9 +62,18 @@ class GroupRobustModule(ClassifierModule):
 
     supervision: ClassVar[Supervision] = "none"
     method: ClassVar[str] = "erm"
+    config_class: ClassVar[type[PlainConfig] | None] = None
+    method_cfg: M
     train_group_counts: torch.Tensor
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.config_class is not None:
+            # One name for the method, its model config key and its hyperparameter: the config's.
+            cls.method = cls.config_class.where.rsplit(".", 1)[-1]
+
     def __init__(self, **kwargs: Any) -> None:
+        raw = kwargs.pop(self.method, None) if self.config_class is not None else None
         foreign = sorted(k for k in kwargs if k not in CLASSIFIER_KEYS)
         if foreign:
             raise CdistillError(
@@ -72,13 +84,10 @@ class GroupRobustModule(ClassifierModule):
         super().__init__(**kwargs)
         self.num_slots = int(self.hparams["num_classes"]) * int(self.hparams["num_bias_groups"]) + 1
         self.register_buffer("train_group_counts", torch.zeros(self.num_slots, dtype=torch.long))
-
-    def method_config(self, parse: Callable[[Any], M], raw: Mapping[str, Any] | None) -> M:
-        """The method's settings (``parse``: e.g. ``JTTConfig.from_dict``) from the model config's
-        ``raw`` section, saved in the hyperparameters under the method's name."""
-        cfg = parse(to_plain(raw))
-        self.save_hyperparameters({self.method: cfg.to_dict()})
-        return cfg
+        if self.config_class is not None:
+            # The cast holds by the subclass's declaration: config_class is its type argument M.
+            self.method_cfg = cast(M, self.config_class.from_dict(to_plain(raw)))
+            self.save_hyperparameters({self.method: self.method_cfg.to_dict()})
 
     # ------------------------------------------------------------------ groups
     def slots(self, labels: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -103,7 +112,7 @@ class GroupRobustModule(ClassifierModule):
         self.adopt_train_groups(train_groups(dm.split("train")))
 
 
-class ReweightModule(GroupRobustModule):
+class ReweightModule(GroupRobustModule[ReweightConfig]):
     """Cross-entropy with each sample weighted by the inverse frequency of its group (or class)
     in the training split (:class:`~cdistill.objective.config.ReweightConfig`): every present
     group carries the same total weight. Absent groups cannot be weighted (a log line says so).
@@ -114,21 +123,20 @@ class ReweightModule(GroupRobustModule):
     """
 
     supervision: ClassVar[Supervision] = "train group labels"
-    method: ClassVar[str] = "reweight"
+    config_class = ReweightConfig
     key_weights: torch.Tensor
 
-    def __init__(self, reweight: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.reweight_cfg = self.method_config(ReweightConfig.from_dict, reweight)
-        keys = self.num_slots if self.reweight_cfg.by == "group" else int(self.hparams["num_classes"])
+        keys = self.num_slots if self.method_cfg.by == "group" else int(self.hparams["num_classes"])
         self.register_buffer("key_weights", torch.zeros(keys))
 
     def keys(self, labels: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return self.slots(labels, bias) if self.reweight_cfg.by == "group" else labels
+        return self.slots(labels, bias) if self.method_cfg.by == "group" else labels
 
     def adopt_train_groups(self, table: GroupTable) -> None:
         super().adopt_train_groups(table)
-        if self.reweight_cfg.by == "group":
+        if self.method_cfg.by == "group":
             log_absent_groups(self.train_group_counts[:-1], int(self.hparams["num_bias_groups"]), "reweight")
         counts = torch.bincount(self.keys(table.labels, table.bias), minlength=self.key_weights.numel()).double()
         present = counts > 0
@@ -143,7 +151,7 @@ class ReweightModule(GroupRobustModule):
         return {"loss": loss, "task": ce.mean().detach(), "logits": logits}
 
 
-class GroupDROModule(GroupRobustModule):
+class GroupDROModule(GroupRobustModule[GroupDROConfig]):
     """Online GroupDRO (Sagawa et al. 2020; :class:`~cdistill.objective.config.GroupDROConfig`).
 
     Each step, the group weights ``q`` (a buffer: checkpoints carry them, a resumed run continues
@@ -162,12 +170,11 @@ class GroupDROModule(GroupRobustModule):
     """
 
     supervision: ClassVar[Supervision] = "train group labels"
-    method: ClassVar[str] = "group_dro"
+    config_class = GroupDROConfig
     group_weights: torch.Tensor
 
-    def __init__(self, group_dro: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.dro_cfg = self.method_config(GroupDROConfig.from_dict, group_dro)
         self.register_buffer("group_weights", torch.zeros(self.num_slots))
 
     def adopt_train_groups(self, table: GroupTable) -> None:
@@ -188,9 +195,9 @@ class GroupDROModule(GroupRobustModule):
         group_loss = global_sums / global_counts.clamp_min(1)  # [G+1] detached, the global batch's
         if self.training:
             adjusted = group_loss
-            if self.dro_cfg.adjustment > 0:
-                adjusted = group_loss + self.dro_cfg.adjustment / self.train_group_counts.clamp_min(1).to(ce).sqrt()
-            self.group_weights.copy_(dro_update(self.group_weights, adjusted, present, self.dro_cfg.eta))
+            if self.method_cfg.adjustment > 0:
+                adjusted = group_loss + self.method_cfg.adjustment / self.train_group_counts.clamp_min(1).to(ce).sqrt()
+            self.group_weights.copy_(dro_update(self.group_weights, adjusted, present, self.method_cfg.eta))
         # This rank's share of Σ_g q_g · (global group sum / global group count); DDP averages
         # the ranks' gradients, hence the factor world_size.
         loss = world_size() * (self.group_weights * sums / global_counts.clamp_min(1)).sum()

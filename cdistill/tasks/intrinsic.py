@@ -43,7 +43,7 @@ from cdistill.models.iid_net import create_iid_net
 from cdistill.objective.cav_fitter import CAVFitter, difference_rows
 from cdistill.objective.config import IID_CAV, ConceptsConfig, term_name
 from cdistill.objective.losses import BRANCH_TARGETS, concept_loss, position_gradients
-from cdistill.tasks.classifier import EvalSplitsModule, to_plain
+from cdistill.tasks.classifier import EvalSplitsModule, fit_hparams, to_plain
 from cdistill.tasks.iid_metrics import lmse, ls_scale, si_mse
 from cdistill.utils.artefacts import broadcast_bank, broadcast_buffers
 from cdistill.utils.capture import capture, collect_activations, resolve_module
@@ -61,10 +61,6 @@ class IntrinsicModule(EvalSplitsModule):
     """Predict reflectance and shading; see the module docstring.
 
     Args:
-        student: Keyword arguments of :func:`cdistill.models.iid_net.create_iid_net` (``name``,
-            ``in_chans``, ``width``).
-        optimizer: Hydra-style optimizer config (``_target_`` and kwargs).
-        scheduler: Optional Hydra-style LR scheduler config (``interval`` key optional).
         lambda_c: Weight of the concept loss (0: off; no CAVs are fitted).
         target: ``loss`` (``∇_a`` of the branch's reconstruction loss), ``output``
             (``∇_a ½||branch output||²``) or ``random`` (``∇_a <u, branch output>``, ``u``
@@ -82,13 +78,13 @@ class IntrinsicModule(EvalSplitsModule):
         lmse_window: LMSE window side (the MIT protocol's 20 suits ~250 px images).
         fit_batch_size: Batch size for collecting activations.
         val_names, test_names: Evaluation split names (the datamodule's win when it has them).
+        **fit: ``student`` (keyword arguments of :func:`cdistill.models.iid_net.create_iid_net`:
+            ``name``, ``in_chans``, ``width``), ``optimizer`` and the optional ``scheduler``
+            (Hydra-style configs), as for every task: see :func:`cdistill.tasks.classifier.fit_hparams`.
     """
 
     def __init__(
         self,
-        student: Mapping[str, Any],
-        optimizer: Mapping[str, Any],
-        scheduler: Mapping[str, Any] | None = None,
         lambda_c: float = 0.0,
         target: str = "loss",
         concepts: Mapping[str, Any] | None = None,
@@ -96,6 +92,7 @@ class IntrinsicModule(EvalSplitsModule):
         fit_batch_size: int = 250,
         val_names: Sequence[str] = ("val", "val_relit"),
         test_names: Sequence[str] = ("test", "test_same_light"),
+        **fit: Any,
     ) -> None:
         super().__init__()
         concepts = dict(to_plain(concepts) or {})
@@ -105,9 +102,8 @@ class IntrinsicModule(EvalSplitsModule):
         if lambda_c > 0 and not self.concepts_cfg.terms:
             raise CdistillError("model.lambda_c > 0 but model.concepts.terms is empty: name at least one term.")
         self.save_hyperparameters({
-            "student": dict(to_plain(student)), "optimizer": dict(to_plain(optimizer)),
-            "scheduler": None if scheduler is None else dict(to_plain(scheduler)), "lambda_c": lambda_c,
-            "target": target, "concepts": concepts, "lmse_window": lmse_window, "fit_batch_size": fit_batch_size,
+            **fit_hparams(**fit), "lambda_c": lambda_c, "target": target, "concepts": concepts,
+            "lmse_window": lmse_window, "fit_batch_size": fit_batch_size,
             "val_names": list(val_names), "test_names": list(test_names),
         })
         self.student = create_iid_net(**self.hparams["student"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,7 +36,7 @@ log = logging.getLogger(__name__)
 ERRORS_FILE = "jtt_errors.json"
 
 
-class JTTModule(FittedBuffers, GroupRobustModule):
+class JTTModule(FittedBuffers, GroupRobustModule[JTTConfig]):
     """JTT (see the module docstring; :class:`~cdistill.objective.config.JTTConfig`).
 
     Buffers: ``jtt_errors`` (``bool [N]``, the error set over the training split) and
@@ -49,14 +48,13 @@ class JTTModule(FittedBuffers, GroupRobustModule):
     """
 
     supervision: ClassVar[Supervision] = "val group labels"
-    method: ClassVar[str] = "jtt"
+    config_class = JTTConfig
     resizable: ClassVar[tuple[str, ...]] = ("jtt_errors",)
     jtt_errors: torch.Tensor
     jtt_identified: torch.Tensor
 
-    def __init__(self, jtt: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.jtt_cfg = self.method_config(JTTConfig.from_dict, jtt)
         self.register_buffer("jtt_errors", torch.zeros(0, dtype=torch.bool))
         self.register_buffer("jtt_identified", torch.tensor(False))
 
@@ -73,7 +71,7 @@ class JTTModule(FittedBuffers, GroupRobustModule):
         opt = hydra.utils.instantiate(self.hparams["optimizer"], params=model.parameters())
         seed = int(torch.randint(0, 2**62, (1,), generator=self.rng))
         gen = torch.Generator().manual_seed(seed)
-        train_identification(model, dataset, opt, self.jtt_cfg.identify_epochs, batch_size, gen, self.device, max_batches)
+        train_identification(model, dataset, opt, self.method_cfg.identify_epochs, batch_size, gen, self.device, max_batches)
         self.jtt_errors = error_mask(model, dataset, eval_batch_size, self.device).to(self.jtt_errors.device)
         self.jtt_identified.fill_(True)
         return model
@@ -90,8 +88,8 @@ class JTTModule(FittedBuffers, GroupRobustModule):
         del model
         errors = self.jtt_errors.nonzero().flatten().cpu()
         log.info("JTT: the identification model (%d epochs) misclassifies %d of %d training samples; "
-                 "they are drawn %d times per epoch.", self.jtt_cfg.identify_epochs, errors.numel(),
-                 self.jtt_errors.numel(), self.jtt_cfg.upweight)
+                 "they are drawn %d times per epoch.", self.method_cfg.identify_epochs, errors.numel(),
+                 self.jtt_errors.numel(), self.method_cfg.upweight)
         self._write_errors(errors, train)
 
     @rank_zero_only
@@ -103,7 +101,7 @@ class JTTModule(FittedBuffers, GroupRobustModule):
         conflicting = None
         if bias is not None and labels is not None:
             conflicting = int(((bias[errors] >= 0) & (bias[errors] != labels[errors])).sum())
-        record = {"identify_epochs": self.jtt_cfg.identify_epochs, "upweight": self.jtt_cfg.upweight,
+        record = {"identify_epochs": self.method_cfg.identify_epochs, "upweight": self.method_cfg.upweight,
                   "train_size": int(self.jtt_errors.numel()), "errors": int(errors.numel()),
                   "errors_bias_conflicting": conflicting, "indices": errors.tolist()}
         (out / ERRORS_FILE).write_text(json.dumps(record))
@@ -116,5 +114,5 @@ class JTTModule(FittedBuffers, GroupRobustModule):
                 f"JTT's error set covers {self.jtt_errors.numel()} samples but the training split has {n}: "
                 "resume JTT only with the data config of the run that wrote the checkpoint."
             )
-        repeats = 1 + (self.jtt_cfg.upweight - 1) * self.jtt_errors.long().cpu()
+        repeats = 1 + (self.method_cfg.upweight - 1) * self.jtt_errors.long().cpu()
         return SamplePlan.from_repeats(repeats)

@@ -10,7 +10,6 @@ split, updated with the samples of each step, all ranks' under DDP). No group la
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -28,7 +27,7 @@ from cdistill.utils.buffers import FittedBuffers
 from cdistill.utils.datamodule import attached_data
 
 
-class LfFModule(FittedBuffers, GroupRobustModule):
+class LfFModule(FittedBuffers, GroupRobustModule[LfFConfig]):
     """LfF (see the module docstring; :class:`~cdistill.objective.config.LfFConfig`).
 
     Buffers: ``ema_biased``, ``ema_debiased`` (``float [N]`` per training sample).
@@ -41,14 +40,13 @@ class LfFModule(FittedBuffers, GroupRobustModule):
     """
 
     supervision: ClassVar[Supervision] = "none"
-    method: ClassVar[str] = "lff"
+    config_class = LfFConfig
     resizable: ClassVar[tuple[str, ...]] = ("ema_biased", "ema_debiased")
     ema_biased: torch.Tensor
     ema_debiased: torch.Tensor
 
-    def __init__(self, lff: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.lff_cfg = self.method_config(LfFConfig.from_dict, lff)
         student = dict(self.hparams["student"])
         student["checkpoint_path"] = None  # the biased model starts afresh
         self.biased = create_student(**student)
@@ -72,12 +70,12 @@ class LfFModule(FittedBuffers, GroupRobustModule):
         logits_b = self.biased(batch["image"])
         ce_d = F.cross_entropy(logits, labels, reduction="none")
         ce_b = F.cross_entropy(logits_b, labels, reduction="none")
-        gce = generalized_cross_entropy(logits_b, labels, self.lff_cfg.q)
+        gce = generalized_cross_entropy(logits_b, labels, self.method_cfg.q)
         index = batch["index"]
         if self.training and self.ema_biased.numel() > 0:
             # Every rank applies every rank's samples, so the averages stay identical.
             idx, lb, ld = all_cat(index), all_cat(ce_b.detach()), all_cat(ce_d.detach())
-            a = self.lff_cfg.ema
+            a = self.method_cfg.ema
             self.ema_biased[idx] = a * self.ema_biased[idx] + (1 - a) * lb
             self.ema_debiased[idx] = a * self.ema_debiased[idx] + (1 - a) * ld
             weight = relative_difficulty(self.ema_biased[index], self.ema_debiased[index])

@@ -55,10 +55,11 @@ def test_planted_cav_scores_one_and_its_opposite_zero() -> None:
     w = torch.randn(D, generator=g)
     model = linear_head(w)
     x = torch.randn(50, D, generator=g)
-    derivs = directional_derivatives(model, "feat", x, w / w.norm(), labels=1, target="logit")
+    grads = target_gradients(model, "feat", x, labels=1, target="logit")
+    derivs = directional_derivatives(grads, w / w.norm())
     torch.testing.assert_close(derivs, torch.full((50,), float(w.norm())))  # ∇_a (w·a) = w
     assert tcav_score(derivs) == 1.0
-    assert tcav_score(directional_derivatives(model, "feat", x, -w, 1, "logit")) == 0.0
+    assert tcav_score(directional_derivatives(grads, -w)) == 0.0
 
 
 def test_random_cavs_score_about_one_half() -> None:
@@ -67,12 +68,13 @@ def test_random_cavs_score_about_one_half() -> None:
     x = torch.randn(200, 8, generator=g)
     cavs = torch.randn(40, D, generator=g)
     cavs /= cavs.norm(dim=1, keepdim=True)
-    derivs = directional_derivatives(model, "feat", x, cavs, labels=2)  # [200, 40]
+    grads = target_gradients(model, "feat", x, labels=2)
+    derivs = directional_derivatives(grads, cavs)  # [200, 40]
     assert derivs.shape == (200, 40)
     scores = torch.tensor([tcav_score(derivs[:, i]) for i in range(40)])
     assert abs(float(scores.mean()) - 0.5) < 0.1
     # Opposite directions split the inputs exactly.
-    opposite = directional_derivatives(model, "feat", x, -cavs[0], labels=2)
+    opposite = directional_derivatives(grads, -cavs[0])
     assert tcav_score(derivs[:, 0]) + tcav_score(opposite) == pytest.approx(1.0)
 
 
@@ -126,8 +128,8 @@ def test_errors() -> None:
         target_gradients(model, "feat", x)
     with pytest.raises(CdistillError, match="logprob"):
         target_gradients(model, "feat", x, 0, "logprb")
-    with pytest.raises(CdistillError, match="d=5 but layer 'feat' has d=16"):
-        directional_derivatives(model, "feat", x, torch.ones(5), 0)
+    with pytest.raises(CdistillError, match=r"d=5 but the target gradients have shape \(3, 16\)"):
+        directional_derivatives(target_gradients(model, "feat", x, 0), torch.ones(5))
     with pytest.raises(CdistillError, match="feat"):
         target_gradients(model, "fet", x, 0)
     with pytest.raises(CdistillError, match="No directional"):
@@ -195,11 +197,12 @@ def test_run_tcav_planted_concept_is_significant() -> None:
     x = torch.randn(100, 8)
     labels = torch.full((100,), 1)
     # Plant the concept along the mean gradient of the class-1 log-probability.
-    direction = target_gradients(model, "feat", x, labels).mean(0)
+    grads = target_gradients(model, "feat", x, labels, "logprob")
+    direction = grads.mean(0)
     direction /= direction.norm()
     randoms = random_sets(8, 60, seed=1)
     concept = torch.randn(60, D) + 4 * direction
-    result = run_tcav(model, "feat", x, labels, concept, randoms, "logistic", "logprob", n_runs=6)
+    result = run_tcav(grads, "feat", concept, randoms, "logistic", n_runs=6)
     assert len(result.scores) == len(result.random_scores) == 6
     assert result.mean > 0.8 and result.p_value < 0.01 and result.effect_size > 1
     assert result.significant()
@@ -215,7 +218,8 @@ def test_run_tcav_random_concept_is_not_significant() -> None:
         torch.manual_seed(seed)
         x = torch.randn(100, 8)
         randoms = random_sets(9, 60, seed=100 + seed)
-        result = run_tcav(model, "feat", x, 1, randoms[8], randoms[:8], "mean_diff", "logprob")
+        grads = target_gradients(model, "feat", x, 1, "logprob")
+        result = run_tcav(grads, "feat", randoms[8], randoms[:8], "mean_diff")
         p_values.append(result.p_value)
         assert 0.0 <= result.mean <= 1.0 and len(result.scores) == 8
     assert float(torch.tensor(p_values).median()) > 0.1
@@ -224,11 +228,13 @@ def test_run_tcav_random_concept_is_not_significant() -> None:
 
 def test_run_tcav_gate_and_errors() -> None:
     model = mlp(seed=3)
-    x = torch.randn(20, 8)
+    grads = target_gradients(model, "feat", torch.randn(20, 8), 1)
     randoms = random_sets(5, 30, seed=0)
     with pytest.warns(UserWarning, match="Dropping the CAV"), pytest.raises(CdistillError, match="not linearly"):
-        run_tcav(model, "feat", x, 1, randoms[4], randoms[:4], "mean_diff", min_accuracy=0.9)
+        run_tcav(grads, "feat", randoms[4], randoms[:4], "mean_diff", min_accuracy=0.9)
     with pytest.raises(CdistillError, match="at least 2 random"):
-        run_tcav(model, "feat", x, 1, randoms[4], randoms[:1])
+        run_tcav(grads, "feat", randoms[4], randoms[:1])
     with pytest.raises(CdistillError, match="n_runs"):
-        run_tcav(model, "feat", x, 1, randoms[4], randoms[:4], n_runs=5)
+        run_tcav(grads, "feat", randoms[4], randoms[:4], n_runs=5)
+    with pytest.raises(CdistillError, match=rf"d={D} but the target gradients have shape \(20, 5\)"):
+        run_tcav(grads[:, :5], "feat", randoms[4], randoms[:4])  # not the CAVs' layer

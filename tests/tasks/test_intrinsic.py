@@ -146,6 +146,9 @@ def test_position_mode_and_bad_config() -> None:
         _module(terms=[])
     with pytest.raises(CdistillError, match="negative"):
         _module(terms=[{k: v for k, v in TERM_R.items() if k != "negative"}])
+    # The student/optimizer settings go through the classifier's fit_hparams: a bad rate fails when built.
+    with pytest.raises(CdistillError, match=r"model\.optimizer\.lr=0"):
+        IntrinsicModule(student={"name": "iid_unet", "width": 4}, optimizer={"_target_": "torch.optim.Adam", "lr": 0})
 
 
 @pytest.mark.parametrize("experiment", ["iid/baseline", "iid/cd", "iid/cd_rs"])
