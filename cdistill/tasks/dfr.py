@@ -106,13 +106,13 @@ class DFRModule(GroupRobustModule[DFRConfig]):
         Raises:
             CdistillError: A configured split the datamodule does not have.
         """
-        if self.dfr_cfg.splits is not None:
+        if self.method_cfg.splits is not None:
             known = list(getattr(dm, "split_names", dm.val_names))
-            for name in self.dfr_cfg.splits:
+            for name in self.method_cfg.splits:
                 if name not in known:
                     raise unknown_name("model.dfr.splits entry", name, known,
                                        f"Use validation splits of this data: {', '.join(known)}.")
-            return list(self.dfr_cfg.splits)
+            return list(self.method_cfg.splits)
         if getattr(dm, "heldout_names", None):
             return list(dm.heldout_names)
         if getattr(dm, "val_reversed_in_val", False):
