@@ -285,7 +285,12 @@ class Budget:
             self.walls.setdefault((family, method), []).append(wall)
 
 
+#: Overrides the oracle does not take: it is ``data.unbiased=true`` (``conflicting_fraction`` 1).
+NOT_FOR_ORACLE = ("data.conflicting_fraction=",)
+
+
 def _oracle_acc(family: Family, seed: int, runs: Path, extra: Sequence[str]) -> tuple[float | None, str]:
+    extra = [o for o in extra if not o.lstrip("+").startswith(NOT_FOR_ORACLE)]
     try:
         metrics = oracle(family.key, seed, runs, [*family.overrides, *extra], folder=family.folder)
     except SystemExit as err:  # generality's runner stops with the log's path and the error
