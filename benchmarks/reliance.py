@@ -1,25 +1,34 @@
 """Do the reliance measures agree with accuracy? (issue: know whether a model relies on a concept)
 
-    python benchmarks/reliance.py --runs logs/generality logs/rel --out benchmarks/results/reliance_pairs.jsonl
-    python benchmarks/reliance.py --table benchmarks/results/reliance_pairs.jsonl
+    python benchmarks/reliance.py --runs logs/generality logs/rel --layer-rule reliance --out pairs.jsonl
+    python benchmarks/reliance.py --table benchmarks/results/reliance_pairs_reliance_layer.jsonl
 
 Every pipeline run under ``--runs`` (``<family>/<name>_seed<k>/``, as ``benchmarks/generality.py``
 writes them) is one pair: the biased base model and the model fine-tuned (or erased) from it.
 Both are measured from the checkpoint strict selection chose (``selection.json``) with
-``cdistill-measure measure.measures=[accuracy,tcav,reliance]`` under the run's own experiment and
-overrides, at one layer per base model: the layer ``model.layer=auto`` chooses on it (the
-default recipe's ``layer_choice.json`` of the same family and seed), so that before and after,
-and every pair on one base, are measured at the same place. Each measurement is cached in
-``<stage dir>/measure_<layer>/measure.json``.
+``cdistill-measure measure.measures=[accuracy,tcav,reliance]``, under the experiment and
+overrides of the run that trained the base model (so every pair on one base model measures the
+bias concept the same way), at one layer per base model, chosen on the base model alone:
+
+- ``--layer-rule reliance`` (default): the reliance layer rule (``measure.reliance.layer=reliance``,
+  :mod:`cdistill.cli.reliance_layer`): the candidate layer where mean-ablating the bias CAVs'
+  span moves the base model's output most, net of a random span of the same rank; the scan is
+  cached in ``<base stage>/reliance_layer/reliance_layer.json``;
+- ``--layer-rule auto``: the layer ``model.layer=auto`` chose on it (the default recipe's
+  ``layer_choice.json`` of the same family and seed).
+
+Each measurement is cached in ``<stage dir>/measure_<layer>/measure.json`` (in
+``measure_<layer>_<experiment>`` when that folder was measured under another experiment).
 
 Per pair, each measure's *drop* ``m0 - m1`` (before minus after; concept-only agreement,
 concept-ablation KL, causal share in the bias subspace, and TCAV of the bias concept), and the
-*gain*: bias-conflicting test accuracy after minus before (points). The table gives each
-measure's Spearman ρ with the gain over all pairs (TCAV beside them), and the pairs. The drop
+*gain*: bias-conflicting test accuracy after minus before (points). The agreement's primary drop
+is scaled by the room above chance, ``(a0 - a1) / (1 - chance)`` (tasks differ in chance level:
+0.1 on the MNIST families, 0.5 on faces); the absolute drop is kept beside it. The table gives
+each drop's Spearman ρ with the gain over all pairs (TCAV beside them), and the pairs. The drop
 relative to what there was to lose (``(a0 - a1) / (a0 - chance)`` for the agreement,
 ``(m0 - m1) / m0`` for the others) is reported as well; it is undefined where the base model
-does not rely on the concept (agreement at chance, KL ~0), which is why the absolute drop is
-the primary one.
+does not rely on the concept (agreement at chance, KL ~0).
 """
 
 from __future__ import annotations
@@ -49,6 +58,15 @@ DROPS = (
     ("causal_share", "reliance/causal_share_in_bias", "relative"),
     ("tcav", "tcav", "relative"),
 )
+#: Rows of the ρ table: (measure, which drop, row key of the drop, row key of its relative drop).
+RHO_ROWS = (
+    ("agreement", "chance-scaled (primary)", "agreement_scaled_drop", "agreement_rel_drop"),
+    ("agreement", "absolute", "agreement_drop", None),
+    ("ablation_kl", "absolute (primary)", "ablation_kl_drop", "ablation_kl_rel_drop"),
+    ("causal_share", "absolute (primary)", "causal_share_drop", "causal_share_rel_drop"),
+    ("tcav (for comparison)", "absolute", "tcav_drop", "tcav_rel_drop"),
+)
+RULES = ("reliance", "auto")
 
 
 def _overrides(run: Path) -> list[str]:
@@ -73,7 +91,7 @@ def _base_dir(run: Path, seed: int) -> Path:
     return run / f"seed{seed}" / "base"
 
 
-def _layer(run: Path, seed: int) -> str:
+def _auto_layer(run: Path, seed: int) -> str:
     """``model.layer=auto``'s choice on this base model: this run's, the run's that trained the base
     model, or the default recipe's of the same family and seed."""
     own = run / f"seed{seed}" / "layer_choice.json"
@@ -85,16 +103,47 @@ def _layer(run: Path, seed: int) -> str:
     raise SystemExit(f"no layer_choice.json for {run} (run the default recipe of this family and seed first)")
 
 
-def measure(stage_dir: Path, overrides: list[str], layer: str) -> dict[str, float]:
-    """cdistill-measure on the strict checkpoint of ``stage_dir`` (cached)."""
+def _measure_argv(stage_dir: Path, overrides: list[str], out: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "cdistill.cli.measure", *overrides, f"measure.ckpt={_strict_ckpt(stage_dir)}",
+            *extra, f"measure.out={out}", f"hydra.run.dir={out}"]
+
+
+def _run(argv: list[str]) -> None:
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})
+    if proc.returncode:
+        raise SystemExit(f"measure failed: {' '.join(argv)}\n{proc.stderr[-3000:]}")
+
+
+def reliance_layer(base_stage: Path, overrides: list[str]) -> dict[str, Any]:
+    """The reliance layer rule's scan of the base model (``measure.measures=[reliance_layer]``, cached)."""
+    out = base_stage / "reliance_layer"
+    if not (out / "reliance_layer.json").exists():
+        _run(_measure_argv(base_stage, overrides, out, ["measure.measures=[reliance_layer]"]))
+    return dict(json.loads((out / "reliance_layer.json").read_text()))
+
+
+def _experiment(overrides: list[str]) -> str:
+    return next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), "")
+
+
+def _cache_dir(stage_dir: Path, overrides: list[str], layer: str) -> Path:
+    """``measure_<layer>``, unless it holds a measure under another experiment (then
+    ``measure_<layer>_<experiment>``): the CAVs' row mode, and so the bias subspace, is the
+    experiment's."""
     out = stage_dir / f"measure_{layer}"
+    recorded = out / ".hydra" / "overrides.yaml"
+    if recorded.exists() and _experiment(yaml.safe_load(recorded.read_text())) != _experiment(overrides):
+        return stage_dir / f"measure_{layer}_{_experiment(overrides).replace('/', '-')}"
+    return out
+
+
+def measure(stage_dir: Path, overrides: list[str], layer: str) -> dict[str, float]:
+    """cdistill-measure on the strict checkpoint of ``stage_dir`` at ``layer`` (cached)."""
+    out = _cache_dir(stage_dir, overrides, layer)
     if not (out / "measure.json").exists():
-        argv = [sys.executable, "-m", "cdistill.cli.measure", *overrides, f"measure.ckpt={_strict_ckpt(stage_dir)}",
-                f"measure.measures={MEASURES}", "measure.splits=[test]", f"measure.reliance.layer={layer}", f"measure.tcav.layer={layer}",
-                f"measure.out={out}", f"hydra.run.dir={out}"]
-        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})
-        if proc.returncode:
-            raise SystemExit(f"measure failed: {' '.join(argv)}\n{proc.stderr[-3000:]}")
+        _run(_measure_argv(stage_dir, overrides, out, [
+            f"measure.measures={MEASURES}", "measure.splits=[test]", f"measure.reliance.layer={layer}",
+            f"measure.tcav.layer={layer}"]))
     return dict(json.loads((out / "measure.json").read_text()))
 
 
@@ -103,15 +152,20 @@ def _tcav(m: dict[str, float]) -> float:
     return float(m.get("tcav", float("nan")))
 
 
-def pair(run: Path) -> dict[str, Any]:
+def pair(run: Path, rule: str = "reliance") -> dict[str, Any]:
+    """One pair's row: both models measured at the layer ``rule`` chooses on the base model."""
     family, (name, seed_s) = run.parent.name, run.name.rsplit("_seed", 1)
     seed = int(seed_s)
-    overrides, layer = _overrides(run), _layer(run, seed)
+    base = _base_dir(run, seed)
+    overrides = _overrides(base.parent.parent)  # the run that trained the base model
     t0 = time.time()
-    before = measure(_base_dir(run, seed), overrides, layer)
+    layer = reliance_layer(base, overrides)["layer"] if rule == "reliance" else _auto_layer(run, seed)
+    scan_s = time.time() - t0
+    before = measure(base, overrides, layer)
     after = measure(run / f"seed{seed}" / "cd", overrides, layer)
-    row: dict[str, Any] = {"family": family, "name": name, "seed": seed, "layer": layer, "run_dir": str(run),
-                           "measure_s": round(time.time() - t0, 1), "chance": before["reliance/chance"]}
+    row: dict[str, Any] = {"family": family, "name": name, "seed": seed, "layer": layer, "layer_rule": rule,
+                           "run_dir": str(run), "scan_s": round(scan_s, 1), "measure_s": round(time.time() - t0 - scan_s, 1),
+                           "chance": before["reliance/chance"]}
     for tag, m in (("before", before), ("after", after)):
         row[f"conflicting_{tag}"] = 100 * m["test/acc_conflicting"]
         row[f"test_{tag}"] = 100 * m["test/acc"]
@@ -123,45 +177,59 @@ def pair(run: Path) -> dict[str, Any]:
         ref = b - row["chance"] if kind == "to_chance" else b
         row[f"{col}_drop"] = b - a
         row[f"{col}_rel_drop"] = (b - a) / ref if abs(ref) > 1e-12 else float("nan")
+    row["agreement_scaled_drop"] = row["agreement_drop"] / (1.0 - row["chance"])
     return row
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def _rho(rows: list[dict[str, Any]], key: str | None) -> tuple[str, str, int]:
+    """Spearman ρ and p of the drop ``key`` with the gain over the pairs where it is finite."""
+    if key is None:
+        return "-", "-", 0
     gains = np.array([r["gain"] for r in rows])
+    drops = np.array([r.get(key, float("nan")) for r in rows], dtype=float)
+    ok = np.isfinite(drops)
+    rho, p = spearmanr(drops[ok], gains[ok]) if ok.sum() > 2 else (float("nan"), float("nan"))
+    return f"{rho:.2f}", f"{p:.1g}", int(ok.sum())
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    rows = [r | {"agreement_scaled_drop": _scaled(r)} for r in rows]
     md = [f"Spearman ρ of each measure's drop with the gain in bias-conflicting test accuracy, over {len(rows)} pairs:",
-          "", "| measure | ρ, absolute drop (primary) | p | ρ, relative drop | p | pairs with a relative drop |",
-          "|---|---|---|---|---|---|"]
-    for col, _, _ in DROPS:
-        cells = []
-        for suffix in ("_drop", "_rel_drop"):
-            drops = np.array([r.get(f"{col}{suffix}", float("nan")) for r in rows], dtype=float)
-            ok = np.isfinite(drops)
-            rho, p = spearmanr(drops[ok], gains[ok]) if ok.sum() > 2 else (float("nan"), float("nan"))
-            cells += [f"{rho:.2f}", f"{p:.1g}"]
-        md.append(f"| {col}{' (for comparison)' if col == 'tcav' else ''} | {' | '.join(cells)} | {int(ok.sum())} |")
+          "", "| measure | drop | ρ | p | ρ, relative drop | p | pairs with a relative drop |", "|---|---|---|---|---|---|---|"]
+    for label, which, key, rel in RHO_ROWS:
+        rho, p, _ = _rho(rows, key)
+        rrho, rp, n = _rho(rows, rel)
+        md.append(f"| {label} | {which} | {rho} | {p} | {rrho} | {rp} | {n if rel else '-'} |")
     md += ["", "Per setting, mean ± std over its seeds (KL drop: relative, per seed):", "",
-           "| family | setting | seeds | conflicting acc before → after | agreement before → after (chance) | "
+           "| family | setting | seeds | layer | conflicting acc before → after | agreement before → after (chance) | "
            "ablation KL before → after | KL drop | causal share before → after | TCAV before → after |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["family"], r["name"]), []).append(r)
     for (family, name), rs in sorted(groups.items()):
         def ms(key: str, scale: float = 1.0, rs: list[dict[str, Any]] = rs) -> str:
             return mean_std([scale * r[key] for r in rs], sci=key.startswith("ablation_kl_") and "drop" not in key)
-        md.append(f"| {family} | {name} | {','.join(str(r['seed']) for r in rs)} | {ms('conflicting_before')} → "
+        layers = ",".join(dict.fromkeys(str(r["layer"]) for r in rs))
+        md.append(f"| {family} | {name} | {','.join(str(r['seed']) for r in rs)} | {layers} | {ms('conflicting_before')} → "
                   f"{ms('conflicting_after')} | {ms('agreement_before', 100)} → {ms('agreement_after', 100)} "
                   f"({100 * rs[0]['chance']:.0f}) | {ms('ablation_kl_before')} → {ms('ablation_kl_after')} | "
                   f"{ms('ablation_kl_rel_drop', 100)}% | {ms('causal_share_before')} → {ms('causal_share_after')} | "
                   f"{ms('tcav_before')} → {ms('tcav_after')} |")
     md += ["", "| family | pair | seed | layer | conflicting acc before → after | gain | agreement (chance) before → after | "
-           "ablation KL before → after | causal share before → after | TCAV before → after |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "agreement drop, chance-scaled | ablation KL before → after | causal share before → after | TCAV before → after |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["family"], r["name"], r["seed"])):
         md.append(f"| {r['family']} | {r['name']} | {r['seed']} | {r['layer']} | {r['conflicting_before']:.1f} → "
                   f"{r['conflicting_after']:.1f} | {r['gain']:+.1f} | {r['agreement_before']:.2f} → {r['agreement_after']:.2f} "
-                  f"({r['chance']:.2f}) | {r['ablation_kl_before']:.3g} → {r['ablation_kl_after']:.3g} | "
+                  f"({r['chance']:.2f}) | {_scaled(r):.2f} | {r['ablation_kl_before']:.3g} → {r['ablation_kl_after']:.3g} | "
                   f"{r['causal_share_before']:.2f} → {r['causal_share_after']:.2f} | {r['tcav_before']:.2f} → {r['tcav_after']:.2f} |")
     return "\n".join(md)
+
+
+def _scaled(r: dict[str, Any]) -> float:
+    """The chance-scaled agreement drop (computed here for rows written before it was recorded)."""
+    return float(r.get("agreement_scaled_drop", r["agreement_drop"] / (1.0 - r["chance"])))
 
 
 def main() -> None:
@@ -169,6 +237,8 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", type=Path, default=[ROOT / "logs" / "generality"])
     ap.add_argument("--families", nargs="+", default=None, help="only these families")
     ap.add_argument("--names", nargs="+", default=None, help="only these run names (cd, cd_best, leace, ...)")
+    ap.add_argument("--layer-rule", choices=RULES, default="reliance",
+                    help="where each base model is measured (see the module docstring)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reliance_pairs.jsonl")
     ap.add_argument("--table", type=Path, default=None, help="print the table of a JSONL file and exit")
     args = ap.parse_args()
@@ -181,7 +251,7 @@ def main() -> None:
             and (args.names is None or r.name.rsplit("_seed", 1)[0] in args.names)]
     rows = []
     for run in runs:
-        row = pair(run)
+        row = pair(run, args.layer_rule)
         rows.append(row)
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")

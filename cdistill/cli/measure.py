@@ -21,7 +21,12 @@ Each measure in ``measure.measures`` adds flat metrics; the run directory gets `
   ``reliance/acc_drop`` (``_conflicting``, ``_aligned``), ``reliance/concept_agreement``
   (``_lo``, ``_hi``; ``reliance/chance``) and ``reliance/causal_share_in_bias``;
   ``reliance_spectrum.png``, ``reliance_agreement.png`` (:mod:`cdistill.cli.reliance_plots`) and
-  ``reliance.json`` (per concept value and per causal direction).
+  ``reliance.json`` (per concept value and per causal direction). ``measure.reliance.layer=reliance``
+  (also ``measure.tcav.layer=reliance``) measures at the layer the reliance layer rule chooses on
+  the measured model (:mod:`cdistill.cli.reliance_layer`; ``reliance_layer.json`` lists every
+  candidate); ``auto`` keeps the CAV-separability choice of ``model.layer=auto``;
+- ``reliance_layer``: only that rule's scan (``reliance_layer.json``;
+  ``reliance_layer/net_kl/<layer>`` per candidate).
 
 More measures plug in with :func:`register_measure`.
 """
@@ -31,7 +36,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +46,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cdistill.causal import RelianceLayerScan
 from cdistill.cli.entry import hydra_entry
+from cdistill.cli.reliance_layer import is_rule, scan_metrics, scan_reliance_layer, write_scan
 from cdistill.cli.reliance_plots import plot_agreement, plot_spectrum
 from cdistill.cli.reliance_report import Reliance, reliance_report
 from cdistill.cli.tcav_report import plot_tcav, summary, tcav_table
@@ -70,6 +77,7 @@ class MeasureContext:
         cfg: The composed config (``measure.*``, ``pipeline.tcav.*``, ``model.*``).
         out: The run directory (plots go here).
         device: Where the student lives.
+        scan: The reliance layer rule's scan of this student, once a measure asked for it.
     """
 
     student: nn.Module
@@ -77,6 +85,7 @@ class MeasureContext:
     cfg: DictConfig
     out: Path
     device: torch.device
+    scan: RelianceLayerScan | None = field(default=None)
 
 
 #: A measure: context -> flat metrics (``<split>/<name>`` or ``<measure>/<name>``, floats).
@@ -196,6 +205,22 @@ def reliance_measure(ctx: MeasureContext) -> dict[str, float]:
     return res.metrics
 
 
+@register_measure("reliance_layer")
+def reliance_layer_measure(ctx: MeasureContext) -> dict[str, float]:
+    """Only the reliance layer rule (:mod:`cdistill.cli.reliance_layer`) on the student: writes
+    ``reliance_layer.json``; per candidate ``reliance_layer/net_kl/<layer>`` (and the KLs)."""
+    return scan_metrics(reliance_scan(ctx))
+
+
+def reliance_scan(ctx: MeasureContext) -> RelianceLayerScan:
+    """The reliance layer rule on the measured student (once per run; ``reliance_layer.json``)."""
+    if ctx.scan is None:
+        concepts, settings = _reliance_settings(ctx.cfg, ctx.datamodule)
+        ctx.scan = scan_reliance_layer(ctx.student, ctx.datamodule, concepts, int(ctx.datamodule.num_classes), settings)
+        write_scan(ctx.scan, ctx.out)
+    return ctx.scan
+
+
 def measure_device(cfg: DictConfig) -> torch.device:
     """Where a measured student runs: the GPU when there is one and ``measure.gpu`` allows it."""
     return torch.device("cuda" if torch.cuda.is_available() and cfg.measure.get("gpu", True) else "cpu")
@@ -208,23 +233,39 @@ def reliance_layer(cfg: DictConfig) -> str:
                or cfg.model.get("layer") or "")
 
 
-def config_reliance(student: nn.Module, datamodule: ImageData, cfg: DictConfig, layer: str) -> Reliance:
-    """:func:`~cdistill.cli.reliance_report.reliance_report` of ``student`` at ``layer`` (resolved)
-    with the config's ``model.concepts`` and ``measure.reliance`` settings (``split`` null: the
-    datamodule's val and test splits). Used by this measure and by the pipeline."""
+def _reliance_settings(cfg: DictConfig, datamodule: ImageData) -> tuple[ConceptsConfig, dict[str, Any]]:
+    """The config's ``model.concepts`` and ``measure.reliance`` settings (``split`` null: the
+    datamodule's val and test splits), as the reliance measure and the layer rule take them."""
     concepts = ConceptsConfig.from_dict(OmegaConf.to_container(cfg.model.concepts, resolve=True))  # type: ignore[arg-type]
     settings = OmegaConf.to_container(cfg.measure.reliance, resolve=True)
     assert isinstance(settings, dict)
     split = settings.get("split")
     settings["split"] = eval_splits(datamodule, [split] if isinstance(split, str) else split)
-    return reliance_report(student, datamodule, concepts, layer, int(datamodule.num_classes),
-                           {str(k): v for k, v in settings.items()})
+    return concepts, {str(k): v for k, v in settings.items()}
+
+
+def config_reliance(student: nn.Module, datamodule: ImageData, cfg: DictConfig, layer: str) -> Reliance:
+    """:func:`~cdistill.cli.reliance_report.reliance_report` of ``student`` at ``layer`` (resolved)
+    with :func:`_reliance_settings`. Used by this measure and by the pipeline."""
+    concepts, settings = _reliance_settings(cfg, datamodule)
+    return reliance_report(student, datamodule, concepts, layer, int(datamodule.num_classes), settings)
+
+
+def config_reliance_scan(student: nn.Module, datamodule: ImageData, cfg: DictConfig) -> RelianceLayerScan:
+    """:func:`~cdistill.cli.reliance_layer.scan_reliance_layer` of ``student`` with
+    :func:`_reliance_settings` (the pipeline scans its base model with it)."""
+    concepts, settings = _reliance_settings(cfg, datamodule)
+    return scan_reliance_layer(student, datamodule, concepts, int(datamodule.num_classes), settings)
 
 
 def measured_layer(ctx: MeasureContext, layer: str) -> str:
-    """``layer``, with ``auto`` read as the layer the measured run chose (its ``layer_choice.json``),
-    else chosen by the CAV scan of the measured model itself (a base model: what a concept run
-    from it would choose), else (no concept terms, or no layer passes: warned) the stem."""
+    """``layer``, with ``reliance`` read as the reliance layer rule's choice on the measured model
+    (:func:`reliance_scan`), and ``auto`` as the layer the measured run chose (its
+    ``layer_choice.json``), else chosen by the CAV scan of the measured model itself (a base
+    model: what a concept run from it would choose), else (no concept terms, or no layer
+    passes: warned) the stem."""
+    if is_rule(layer):
+        return reliance_scan(ctx).layer
     if not is_auto(layer):
         return layer
     recorded = recorded_layer(resolve_weights(str(ctx.cfg.measure.ckpt), "measure.ckpt"))

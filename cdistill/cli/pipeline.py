@@ -43,7 +43,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cdistill.cli.entry import hydra_entry
 from cdistill.cli.loggers import log_pngs
-from cdistill.cli.measure import config_reliance, measure_device, reliance_layer
+from cdistill.cli.measure import (
+    config_reliance,
+    config_reliance_scan,
+    measure_device,
+    reliance_layer,
+)
 from cdistill.cli.pipeline_report import (
     ABLATION,
     CSV_FIELDS,
@@ -60,6 +65,7 @@ from cdistill.cli.pipeline_report import (
     write_ablation,
 )
 from cdistill.cli.preflight import base_checkpoint, dry_run_report, preflight, reuse_config
+from cdistill.cli.reliance_layer import is_rule
 from cdistill.cli.reliance_plots import reliance_figures
 from cdistill.cli.report_warnings import (
     FIRST,
@@ -214,18 +220,16 @@ def reliance_skip(cfg: DictConfig) -> str | None:
     return None
 
 
-def _reliance_of(ckpt: str, cfg: DictConfig, datamodule: ImageData, stage: str) -> tuple[dict[str, float], dict[str, Any]]:
-    """The reliance measures of one model (:func:`cdistill.cli.measure.config_reliance`, the
-    ``reliance`` measure's code path): flat metrics and the plots' detail (JSON-friendly)."""
+def _reliance_of(ckpt: str, cfg: DictConfig, datamodule: ImageData, stage: str, spec: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """The reliance measures of one model at the layer ``spec`` names (:func:`config_reliance`,
+    the ``reliance`` measure's code path): flat metrics and the plots' detail (JSON-friendly)."""
     student = _student(ckpt, cfg)
     student.to(measure_device(cfg)).eval()
-    spec = reliance_layer(cfg)
     layer = resolve_layer(student, str(cfg.model.layer) if is_auto(spec) else spec)  # auto: this seed's choice
     start = time.perf_counter()
     res = config_reliance(student, datamodule, cfg, layer)
     log.info("reliance of the %s model at %s: %.0f s", stage, layer, time.perf_counter() - start)
     return res.metrics, asdict(res.detail)
-
 
 
 def write_report(rows: list[dict[str, Any]], per_seed: list[dict[str, Any]], out: Path, title: str) -> str:
@@ -315,7 +319,12 @@ def _ablation_cells(
 def _add_reliance(record: dict[str, Any], run_cfg: DictConfig, datamodule: Any, ckpts: Mapping[str, Path], seed: Any) -> None:
     """Step 4: each stage's reliance measures into ``record`` (a failure is logged, not raised)."""
     try:
-        measured = {stage: _reliance_of(str(ckpt), run_cfg, datamodule, stage) for stage, ckpt in ckpts.items()}
+        spec = reliance_layer(run_cfg)
+        if is_rule(spec):  # the reliance layer rule, on the base model: both stages are measured there
+            base = _student(str(ckpts["base"]), run_cfg).to(measure_device(run_cfg)).eval()
+            scan = config_reliance_scan(base, datamodule, run_cfg)
+            record["reliance_layer"], spec = scan.to_dict(), scan.layer
+        measured = {stage: _reliance_of(str(ckpt), run_cfg, datamodule, stage, spec) for stage, ckpt in ckpts.items()}
     except CdistillError as err:  # the trained models and the rest of the report stand
         log.warning("seed %s: reliance measures skipped: %s", seed, err)
     else:

@@ -45,7 +45,7 @@ from cdistill.concepts.check import layer_rows
 from cdistill.concepts.layer_choice import MAX_IMAGES
 from cdistill.errors import CdistillError
 from cdistill.objective.cav_fitter import negative_rows
-from cdistill.objective.config import ConceptsConfig, ConceptTerm
+from cdistill.objective.config import CAVConfig, ConceptsConfig, ConceptTerm
 from cdistill.utils.datamodule import ImageData
 
 log = logging.getLogger(__name__)
@@ -86,14 +86,30 @@ def bias_term(concepts: ConceptsConfig) -> ConceptTerm:
     )
 
 
-def bias_subspace(model: nn.Module, datamodule: ImageData, concepts: ConceptsConfig, layer: str,
-                  num_classes: int, max_images: int | None = None) -> BiasSubspace:
-    """Fit one CAV per value of the bias term at ``layer`` (see the module docstring).
+@dataclass(frozen=True)
+class BiasImages:
+    """The concept images of the bias term, as the task sees them.
 
-    The spec's sets are loaded at the data's size and channels and normalised by the
-    datamodule (the first ``max_images`` of each, default
-    :data:`~cdistill.concepts.layer_choice.MAX_IMAGES`, in the spec's order, as the layer
-    choice does); the global random state is left as it was.
+    Attributes:
+        term: The bias term (:func:`bias_term`).
+        names: The term's concept set per value (e.g. ``color_3``).
+        classes: The class each value points to.
+        inputs: Every set of the spec -> preprocessed images ``[N, C, H, W]`` (negatives too).
+        blank: ``position`` mode's preprocessed blank image ``[1, C, H, W]``.
+    """
+
+    term: ConceptTerm
+    names: list[str]
+    classes: list[int]
+    inputs: dict[str, Tensor]
+    blank: Tensor
+
+
+def bias_images(datamodule: ImageData, concepts: ConceptsConfig, num_classes: int,
+                max_images: int | None = None) -> BiasImages:
+    """Load the spec's sets at the data's size and channels, normalised by the datamodule (the
+    first ``max_images`` of each, default :data:`~cdistill.concepts.layer_choice.MAX_IMAGES`, in
+    the spec's order, as the layer choice does); the global random state is left as it was.
 
     Raises:
         CdistillError: No spec, no ``{y}`` term, or a value's set missing from the spec.
@@ -113,19 +129,55 @@ def bias_subspace(model: nn.Module, datamodule: ImageData, concepts: ConceptsCon
     if missing:
         raise CdistillError(f"The bias term needs concept sets {missing}, which the spec {concepts.spec!r} lacks; "
                             f"it has {sorted(inputs)}. Add them (a for_k entry) or fix the term.")
-    cav = concepts.cav
-    rows = layer_rows(model, inputs, [layer], cav, blank=blank)[layer]
+    return BiasImages(term, names, classes, inputs, blank)
+
+
+def fit_bias_subspace(rows: Mapping[str, Tensor], images: BiasImages, cav: CAVConfig, layer: str) -> BiasSubspace:
+    """One CAV per value of the bias term from its rows at ``layer`` (set name -> CAV rows,
+    :func:`~cdistill.concepts.check.layer_rows`), fitted as training fits them.
+
+    Raises:
+        CdistillError: A CAV cannot be fitted (e.g. every row the same).
+    """
     vectors, accuracies = [], []
-    for name in names:
-        res = fit_cav(rows[name], negative_rows(rows, term.negative), cav.solver, test_fraction=float(cav.test_fraction),
-                      seed=0, concept=name, negative=term.negative, layer=layer)
+    for name in images.names:
+        res = fit_cav(rows[name], negative_rows(rows, images.term.negative), cav.solver,
+                      test_fraction=float(cav.test_fraction), seed=0, concept=name, negative=images.term.negative,
+                      layer=layer)
         vectors.append(res.vector.double())
         accuracies.append(float(res.accuracy))
-    low = [f"{n} ({a:.2f})" for n, a in zip(names, accuracies, strict=True) if a < float(cav.min_accuracy)]
+    low = [f"{n} ({a:.2f})" for n, a in zip(images.names, accuracies, strict=True) if a < float(cav.min_accuracy)]
     if low:  # the subspace still means something; training would have skipped these CAVs
         log.warning("reliance: CAVs under the gate (%s) at %s: %s", cav.min_accuracy, layer, ", ".join(low))
-    space = "position" if cav.cav_mode == "position" else "flatten"
-    return BiasSubspace(torch.stack(vectors, 1), space, [inputs[n] for n in names], classes, accuracies)
+    return BiasSubspace(torch.stack(vectors, 1), cav_space(cav), [images.inputs[n] for n in images.names],
+                        images.classes, accuracies)
+
+
+def cav_space(cav: CAVConfig) -> str:
+    """The ablation space of CAVs fitted in ``cav``'s row mode (``position`` or ``flatten``)."""
+    return "position" if cav.cav_mode == "position" else "flatten"
+
+
+def bias_subspace(model: nn.Module, datamodule: ImageData, concepts: ConceptsConfig, layer: str,
+                  num_classes: int, max_images: int | None = None) -> BiasSubspace:
+    """Fit one CAV per value of the bias term at ``layer`` (see the module docstring):
+    :func:`bias_images`, then :func:`fit_bias_subspace` on their rows there."""
+    images = bias_images(datamodule, concepts, num_classes, max_images)
+    rows = layer_rows(model, images.inputs, [layer], concepts.cav, blank=images.blank)[layer]
+    return fit_bias_subspace(rows, images, concepts.cav, layer)
+
+
+def measure_subset(datamodule: ImageData, settings: Mapping[str, Any]) -> Subset[Any]:
+    """The inputs the ablation is measured on: a seeded subset (``settings["seed"]``) of at most
+    ``max_inputs`` of the ``split`` splits together (a biased split gives the aligned inputs, a
+    shifted one the conflicting), in their order."""
+    names = settings["split"]
+    names = [str(names)] if isinstance(names, str) else [str(n) for n in names]
+    data: ConcatDataset[Any] = ConcatDataset([datamodule.split(n) for n in names])
+    gen = torch.Generator().manual_seed(int(settings["seed"]))
+    # A seeded subset, not the first inputs: a split may be ordered by class or group.
+    order = torch.randperm(len(data), generator=gen)[: int(settings["max_inputs"])].sort().values.tolist()
+    return Subset(data, order)
 
 
 @dataclass(frozen=True)
@@ -195,14 +247,7 @@ def reliance_report(model: nn.Module, datamodule: ImageData, concepts: ConceptsC
             ``concept_images`` (per concept set; null: :data:`~cdistill.concepts.layer_choice.MAX_IMAGES`).
     """
     bias = bias_subspace(model, datamodule, concepts, layer, num_classes, settings.get("concept_images"))
-    names = settings["split"]
-    names = [str(names)] if isinstance(names, str) else [str(n) for n in names]
-    # Several splits: a biased one gives the aligned inputs, a shifted one the conflicting.
-    data: ConcatDataset[Any] = ConcatDataset([datamodule.split(n) for n in names])
-    gen = torch.Generator().manual_seed(int(settings["seed"]))
-    # A seeded subset, not the first inputs: a split may be ordered by class or group.
-    order = torch.randperm(len(data), generator=gen)[: int(settings["max_inputs"])].sort().values.tolist()
-    subset = Subset(data, order)
+    subset = measure_subset(datamodule, settings)
     abl = concept_ablation(model, layer, bias.vectors, subset, space=bias.space, mode=str(settings["mode"]),
                            control_seed=int(settings["seed"]))
     out = {

@@ -207,6 +207,22 @@ def _outputs(model: nn.Module, image: Tensor, layers: Sequence[str]) -> dict[str
         return {layer: store[layer] for layer in layers}
 
 
+def map_candidates(model: nn.Module, probe: Tensor, candidates: Sequence[str] | None = None) -> list[str]:
+    """The candidates (default :func:`candidate_layers`) whose output on ``probe`` (one
+    preprocessed image ``[1, C, H, W]``) is a map: the layers ``model.layer=auto`` scans.
+
+    Raises:
+        CdistillError: No candidate outputs a map.
+    """
+    layers = list(candidates) if candidates is not None else candidate_layers(model)
+    shapes = _outputs(model, probe, layers)
+    maps = [layer for layer in layers if _is_map(shapes[layer])]
+    if not maps:
+        raise CdistillError(f"model.layer=auto: no candidate layer of the student outputs a map ({layers}, shapes "
+                            f"{[tuple(shapes[x].shape[1:]) for x in layers]}); set model.layer to a module path.")
+    return maps
+
+
 def choose_layer(
     model: nn.Module,
     inputs: Mapping[str, Tensor],
@@ -242,13 +258,7 @@ def choose_layer(
     """
     cav = cav or CAVConfig()
     gate = float(cav.min_accuracy)
-    layers = list(candidates) if candidates is not None else candidate_layers(model)
-    probe = next(iter(inputs.values()))[:1]
-    shapes = _outputs(model, probe, layers)
-    maps = [layer for layer in layers if _is_map(shapes[layer])]
-    if not maps:
-        raise CdistillError(f"model.layer=auto: no candidate layer of the student outputs a map ({layers}, shapes "
-                            f"{[tuple(shapes[x].shape[1:]) for x in layers]}); set model.layer to a module path.")
+    maps = map_candidates(model, next(iter(inputs.values()))[:1], candidates)
     deciding = deciding_terms(terms)
     if not deciding:
         return LayerChoice(maps[0], tuple(maps), (), (), gate, "no concept term acts at model.layer: the stem")

@@ -144,3 +144,30 @@ def test_reliance_is_skipped_without_a_class_indexed_term_or_spec(make_cfg: Make
     no_term = reliance_skip(make_cfg(*cd, "model.concepts.terms=[{concept: grey, negative: random}]"))
     assert no_term is not None and "{y}" in no_term
     assert "no concept spec" in str(reliance_skip(make_cfg("experiment=color_mnist/baseline")))
+
+
+def test_pipeline_scans_the_base_model_and_measures_both_stages_there(make_cfg: MakeCfg, tmp_path: Path) -> None:
+    import torch
+
+    from cdistill.cli.pipeline import _add_reliance
+    from cdistill.cli.train import instantiate
+    from cdistill.models.students import create_student
+
+    ckpts = {}
+    for seed, stage in ((1, "base"), (2, "cd")):
+        torch.manual_seed(seed)
+        ckpts[stage] = tmp_path / stage / "student.pt"
+        ckpts[stage].parent.mkdir()
+        torch.save(create_student("mnist_cnn").state_dict(), ckpts[stage])
+    cfg = make_cfg("experiment=color_mnist/cd", "measure.reliance.layer=reliance", "measure.reliance.max_inputs=64",
+                   "measure.reliance.k=0", "measure.reliance.concept_images=20")
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    record: dict[str, Any] = {"base": {}, "cd": {}}
+    _add_reliance(record, cfg, datamodule, ckpts, 0)
+    scan = record["reliance_layer"]
+    chosen = next(s for s in scan["scores"] if s["layer"] == scan["layer"])
+    # The base model's ablation at the chosen layer is the scan's own (same CAVs, inputs and control).
+    assert record["base"]["reliance/ablation_kl"] == pytest.approx(chosen["ablation_kl"], rel=1e-6)
+    assert record["base"]["reliance/ablation_kl_random"] == pytest.approx(chosen["control_kl"], rel=1e-6)
+    assert "reliance/ablation_kl" in record["cd"] and set(record["reliance"]) == {"base", "cd"}
