@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -202,6 +202,15 @@ def _ablated_pass(
                     raise NonFiniteError(f"Non-finite KL after ablating the {name} subspace at {layer!r}.")
                 tallies[name].add(masks, kl, hit, log_q.argmax(-1) == label)
     return tallies, with_bias
+
+
+class AblationOptions(TypedDict, total=False):
+    """The keyword options of :func:`concept_ablation`, for callers that pass them on."""
+
+    space: str | None
+    mode: str
+    control_seed: int
+    batch_size: int
 
 
 @torch.no_grad()

@@ -20,14 +20,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from cdistill.causal.ablation import check_mode, check_space
-from cdistill.causal.intervention import concept_ablation
+from cdistill.causal.intervention import AblationOptions, concept_ablation
 from cdistill.errors import CdistillError
+
+if TYPE_CHECKING:  # only an annotation (typing.Unpack is 3.11+, the package supports 3.10)
+    from typing_extensions import Unpack
 
 __all__ = ["LayerScore", "RelianceLayerScan", "reliance_layer_scan"]
 
@@ -93,7 +96,7 @@ class RelianceLayerScan:
 
 
 def _score(model: nn.Module, layer: str, subspace: Mapping[str, Tensor] | Callable[[str], Tensor],
-           data: Dataset[Any] | Iterable[Any], kw: Mapping[str, Any]) -> LayerScore:
+           data: Dataset[Any] | Iterable[Any], kw: AblationOptions) -> LayerScore:
     """One candidate's :class:`LayerScore`; a :class:`CdistillError` (no subspace there, a span
     of full rank, a layer the forward pass does not run) is recorded, not raised."""
     try:
@@ -110,11 +113,7 @@ def reliance_layer_scan(
     candidates: Sequence[str],
     subspace: Mapping[str, Tensor] | Callable[[str], Tensor],
     data: Dataset[Any] | Iterable[Any],
-    *,
-    space: str | None = None,
-    mode: str = "mean",
-    control_seed: int = 0,
-    batch_size: int = 256,
+    **options: Unpack[AblationOptions],
 ) -> RelianceLayerScan:
     """Choose the candidate layer where ablating the concept subspace moves the output most.
 
@@ -133,11 +132,10 @@ def reliance_layer_scan(
             :class:`CdistillError` for a layer where none can be fitted.
         data: Inputs, as :func:`concept_ablation` takes them (a Dataset, or re-iterable
             batches ``{"image" [B, ...], "label" [B], "bias" [B]}``).
-        space: ``position`` or ``flatten`` (the CAVs' row space); ``None``: per layer,
-            ``position`` for maps and token sequences, ``flatten`` for vectors.
-        mode: ``mean``, ``zero`` or ``resample``.
-        control_seed: Seed of the random control span (and of resampling).
-        batch_size: Samples per batch when ``data`` is a Dataset.
+        **options: :func:`concept_ablation`'s keywords, passed on to it: ``space``
+            (``position`` or ``flatten``, the CAVs' row space; default per layer), ``mode``
+            (``mean``, ``zero`` or ``resample``; default ``mean``), ``control_seed``,
+            ``batch_size``.
 
     Returns:
         A :class:`RelianceLayerScan` (the choice and every candidate's score).
@@ -146,12 +144,12 @@ def reliance_layer_scan(
         CdistillError: No candidates, an unknown mode or space, or no candidate could be
             measured (the reasons are listed).
     """
+    mode = options.get("mode", "mean")
     check_mode(mode)  # a wrong setting fails once, not as every candidate's reason
-    check_space(space)
+    check_space(options.get("space"))
     if not candidates:
         raise CdistillError("No candidate layers to scan: pass module paths (e.g. candidate_layers(model)).")
-    kw = {"space": space, "mode": mode, "control_seed": control_seed, "batch_size": batch_size}
-    scores = tuple(_score(model, layer, subspace, data, kw) for layer in candidates)
+    scores = tuple(_score(model, layer, subspace, data, options) for layer in candidates)
     best: LayerScore | None = None
     for s in scores:  # strictly greater: the earliest candidate keeps a tie
         if s.measured and (best is None or s.net_kl > best.net_kl):
