@@ -79,6 +79,8 @@ CELL_FILE = "compare_cell.json"  # the wall time of a finished cell, beside its 
 METRICS = (("acc", "test accuracy"), ("acc_conflicting", "bias-conflicting test accuracy"),
            ("acc_worst_group", "worst-group test accuracy"),
            ("acc_random", "random-cue test accuracy (the cue drawn independently of the label)"))
+#: Column names of :data:`METRICS` in the recipe-vs-DFR table.
+SHORT = (("acc", "acc"), ("acc_conflicting", "conflicting"), ("acc_worst_group", "worst group"), ("acc_random", "random cue"))
 #: Family -> its test split whose cue is drawn independently of the label (``acc_random``). The
 #: reversed ``test`` of ColorMNIST and MarkerMNIST pairs each class with one other cue, which a
 #: method fitted on ``val_reversed`` can learn; a random cue cannot be. DecoyMNIST has none.
@@ -521,9 +523,8 @@ def matched_table(cells: Mapping[tuple[str, str, int], Mapping[str, Any]], famil
           "held-out images are labelled with their group and drawn from `val_random` (validation digits with a "
           "random cue, so the refit never sees the reversed test's cue mapping) where the family has it, else "
           "from `val` ∪ `val_reversed` (the faces proxy: unbiased validation faces).", "",
-          f"| family | concept images | DFR used | {DEFAULT_RECIPE}: acc | {MATCHED}: acc | {DEFAULT_RECIPE}: conflicting "
-          f"| {MATCHED}: conflicting | {DEFAULT_RECIPE}: worst group | {MATCHED}: worst group |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "| family | concept images | DFR used | " + " | ".join(f"{m}: {short}" for _, short in SHORT for m in (DEFAULT_RECIPE, MATCHED))
+          + " |", "|---|---|---|" + "---|" * (2 * len(SHORT))]
     for f in families:
         cd, dfr = _by(cells, f, DEFAULT_RECIPE), _by(cells, f, MATCHED)
         if not cd and not dfr:
@@ -531,7 +532,7 @@ def matched_table(cells: Mapping[tuple[str, str, int], Mapping[str, Any]], famil
         n = sorted({str(r["concept_images"]) for r in dfr if r.get("concept_images") is not None})
         used = sorted({str(r["strict/dfr_heldout_size"]) for r in _ok(dfr) if r.get("strict/dfr_heldout_size") is not None})
         md.append(f"| {f} | {', '.join(n) or MISSING} | {', '.join(used) or MISSING} | "
-                  + " | ".join(cell_text(rs, f"strict/{k}") for k, _ in METRICS for rs in (cd, dfr)) + " |")
+                  + " | ".join(cell_text(rs, f"strict/{k}") for k, _ in SHORT for rs in (cd, dfr)) + " |")
     return md
 
 
