@@ -8,7 +8,8 @@ regression on frozen features of a group-balanced held-out set drawn from valida
 held-out set is ``model.dfr.splits``, by default the datamodule's random-cue ``val_random``
 where it has one (the biased-MNIST families) and ``val`` ∪ ``val_reversed`` otherwise:
 ``val_reversed`` carries the test split's own cue mapping (colour ``9 - y`` on ColorMNIST), so a
-head fitted on it learns that mapping and scores well on that test alone, not on a random cue. ``model.dfr.heldout_size`` caps the held-out set, e.g. to the number of
+head fitted on it learns that mapping and scores well on that test alone, not on a random cue.
+``model.dfr.heldout_size`` caps the held-out set, e.g. to the number of
 concept images a concept method is given.
 """
 
@@ -104,10 +105,12 @@ class DFRModule(GroupRobustModule[DFRConfig]):
         ``val_reversed`` is its conflicting part).
 
         Raises:
-            CdistillError: A configured split the datamodule does not have.
+            CdistillError: A configured split that is not one of the datamodule's validation or
+                held-out splits (a test split included).
         """
         if self.method_cfg.splits is not None:
-            known = list(getattr(dm, "split_names", dm.val_names))
+            # Validation and held-out splits only: fitting the head on a test split would score it on its own data.
+            known = [*dm.val_names, *getattr(dm, "heldout_names", [])]
             for name in self.method_cfg.splits:
                 if name not in known:
                     raise unknown_name("model.dfr.splits entry", name, known,

@@ -218,8 +218,11 @@ def test_dfr_holds_out_random_cue_images_by_default_and_what_is_configured() -> 
     assert chosen.heldout_splits(dm) == ["val", "val_reversed"]
     dm.heldout_names = []  # data without a random-cue split (the faces, a folder): val ∪ val_reversed
     assert DFRModule(student=STUDENT, optimizer=ADAM).heldout_splits(dm) == ["val", "val_reversed"]
+    dm.heldout_names = ["val_random"]
     with pytest.raises(CdistillError, match=r"model\.dfr\.splits entry 'val_random_x'.*val_random"):
         DFRModule(dfr={"splits": ["val_random_x"]}, student=STUDENT, optimizer=ADAM).heldout_splits(dm)
+    with pytest.raises(CdistillError, match=r"model\.dfr\.splits entry 'test'"):  # never fitted on a test split
+        DFRModule(dfr={"splits": ["test"]}, student=STUDENT, optimizer=ADAM).heldout_splits(dm)
     with pytest.raises(CdistillError, match=r"model\.dfr\.splits=\[\]"):
         DFRConfig(splits=())
 
