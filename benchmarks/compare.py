@@ -18,11 +18,18 @@ A cell is (family, method, seed), run in ``<runs>/<family>/<method>_seed<N>``:
 Every cell is tested under two model-selection rules: ``strict`` (best ``val/acc``, the biased
 validation split) and ``worst`` (best worst-group accuracy over the validation splits pooled,
 ``val_all/acc_worst_group``). Per rule a row holds test accuracy, bias-conflicting and
-worst-group test accuracy (%); the table adds the gap closed ``(m - ERM) / (oracle - ERM)``
-against the oracle of :mod:`generality` (``data.unbiased=true``; its strict figure) where that
-gap exceeds ``MIN_GAP``. A cell whose run directory holds its results is read, not rerun. A cell
-that fails is recorded ``failed: <reason>``, one that does not fit ``--budget-min`` (minutes for
-the whole command) ``not run: budget``; the table prints both. Hydra overrides after ``--`` apply
+worst-group test accuracy (%), and the accuracy on the test split whose cue is independent of
+the label (the datamodule's ``random_cue_split``; ``data.random_cue_split`` of a folder dataset);
+the table adds the gap closed ``(m - ERM) / (oracle - ERM)`` against the oracle of
+:mod:`generality` (``data.unbiased=true``; its strict figure) where that gap exceeds ``MIN_GAP``.
+A folder family ``folder:<root>`` takes its ``data=folder`` settings from ``<root>/data.yaml``
+where it exists (``num_classes: 4`` -> ``data.num_classes=4``, e.g. ``random_cue_split: test``),
+and its oracle is the same baseline on ``<root>_unbiased``, the folder's copy with the training
+cue independent of the label (``python -m datamodules.shapes_folder <root> --twin`` writes both);
+without that copy the family has no oracle and the table says so. A cell whose run directory
+holds its results is read, not rerun. A cell that fails is recorded ``failed: <reason>``, one
+that does not fit ``--budget-min`` (minutes for the whole command) ``not run: budget``; the
+table prints both. Hydra overrides after ``--`` apply
 to every cell and the oracle (e.g. ``-- trainer.max_epochs=1`` for a smoke run, or
 ``data.conflicting_fraction=0.05``; give such variants their own ``--runs``).
 ``--read-only`` runs nothing: it writes the rows of the finished cells (and lists the others as
@@ -56,6 +63,7 @@ from generality import MIN_GAP, oracle  # noqa: E402
 from cdistill.concepts.sets import expand_templates  # noqa: E402
 from cdistill.robust.supervision import METHOD_SUPERVISION  # noqa: E402
 from cdistill.utils.formatting import MISSING, mean_std  # noqa: E402
+from datamodules.shapes_folder import DATA_SETTINGS, unbiased_twin  # noqa: E402
 
 #: Selection rule -> the validation metric it maximises (added to every run as ``protocols.<rule>``).
 RULES = {"strict": "val/acc", "worst": "val_all/acc_worst_group"}
@@ -81,11 +89,8 @@ METRICS = (("acc", "test accuracy"), ("acc_conflicting", "bias-conflicting test 
            ("acc_random", "random-cue test accuracy (the cue drawn independently of the label)"))
 #: Column names of :data:`METRICS` in the recipe-vs-DFR table.
 SHORT = (("acc", "acc"), ("acc_conflicting", "conflicting"), ("acc_worst_group", "worst group"), ("acc_random", "random cue"))
-#: Family -> its test split whose cue is drawn independently of the label (``acc_random``). The
-#: reversed ``test`` of ColorMNIST and MarkerMNIST pairs each class with one other cue, which a
-#: method fitted on ``val_reversed`` can learn; a random cue cannot be. DecoyMNIST has none.
-RANDOM_CUE_TEST = {"color_mnist": "test_random_color", "marker_mnist": "test_random_glyph",
-                   "texture_mnist": "test", "faces": "test"}
+#: The oracle status of a folder family without an unbiased copy of its data.
+NO_ORACLE = "no oracle (no unbiased twin of the folder data)"
 #: A cell's timings and their section titles in the report.
 TIMES = (("wall_s", "Wall time per cell (s; a concept method's is its fine-tune alone: add the ERM row for its whole cost)"),
          ("cpu_s", "CPU time per cell (s, user + system of all threads; does not grow with the machine's load)"))
@@ -94,23 +99,43 @@ TIMES = (("wall_s", "Wall time per cell (s; a concept method's is its fine-tune 
 @dataclass(frozen=True)
 class Family:
     """A bias family: its label in the table, its experiment folder under ``conf/experiment/``,
-    the run folder, and the overrides every run of it needs (``data.root`` of a folder dataset)."""
+    the run folder, the overrides every run of it needs (``data.root`` of a folder dataset and
+    its settings), and those of its oracle run (None: it has no oracle)."""
 
     label: str
     key: str
     folder: str
     overrides: tuple[str, ...] = ()
     concept_overrides: tuple[str, ...] = field(default=())
+    oracle: tuple[str, ...] | None = ("data.unbiased=true",)
+
+
+def _hydra_value(value: Any) -> str:
+    """A YAML scalar or list as a Hydra override value (``None`` -> ``null``, ``True`` -> ``true``)."""
+    return json.dumps(value) if isinstance(value, (bool, list)) or value is None else str(value)
+
+
+def folder_settings(root: Path) -> tuple[str, ...]:
+    """``data.<key>=<value>`` of each entry of ``<root>/data.yaml`` (none where it is missing)."""
+    path = root / DATA_SETTINGS
+    settings = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    if not isinstance(settings, dict):
+        raise SystemExit(f"{path}: give a mapping of data=folder settings, e.g. num_classes: 4")
+    return tuple(f"data.{key}={_hydra_value(value)}" for key, value in settings.items())
 
 
 def parse_family(text: str) -> Family:
     """``color_mnist`` (any ``conf/experiment/<name>/baseline.yaml``), or ``folder:<root>`` /
-    ``folder:<root>:<concept spec>`` for ``data=folder`` (spec default: ``<root>/concepts.yaml``)."""
+    ``folder:<root>:<concept spec>`` for ``data=folder`` (spec default: ``<root>/concepts.yaml``;
+    settings from ``<root>/data.yaml``; oracle on ``<root>_unbiased`` where it holds a metadata file)."""
     if text.startswith("folder:"):
-        root, _, spec = text[len("folder:"):].partition(":")
-        name = Path(root).resolve().name
+        root_text, _, spec = text[len("folder:"):].partition(":")
+        root = Path(root_text).resolve()
         extra = (f"model.concepts.spec={Path(spec).resolve()}",) if spec else ()
-        return Family(f"folder:{name}", "folder", f"folder_{name}", (f"data.root={Path(root).resolve()}",), extra)
+        settings = folder_settings(root)
+        twin = unbiased_twin(root)
+        orc = (f"data.root={twin}", *settings) if (twin / "metadata.csv").is_file() else None
+        return Family(f"folder:{root.name}", "folder", f"folder_{root.name}", (f"data.root={root}", *settings), extra, orc)
     if not (ROOT / "conf" / "experiment" / text / "baseline.yaml").is_file():
         raise SystemExit(f"--families {text}: no conf/experiment/{text}/baseline.yaml; give a family or folder:<root>")
     return Family(text, text, text)
@@ -201,11 +226,28 @@ def read_metrics(method: str, out: Path) -> dict[str, float]:
     return dict(data[0]["cd"]) if method in CONCEPT_METHODS else dict(data)
 
 
-def row_from_metrics(metrics: Mapping[str, float], family: str) -> dict[str, Any]:
-    """Per rule: test, bias-conflicting, worst-group and random-cue test accuracy in % (the
-    family's :data:`RANDOM_CUE_TEST` split), the selected epoch, and DFR's held-out size where logged."""
+def random_cue_split(family: Family, extra: Sequence[str] = ()) -> str | None:
+    """The family's test split whose cue is drawn independently of the label: its datamodule's
+    ``random_cue_split`` (a folder dataset's ``data.random_cue_split``), None where it has none.
+    A reversed test pairs each class with one other cue, which a method fitted on
+    ``val_reversed`` can learn; a random cue cannot be."""
+    import hydra.utils
+
+    from cdistill.concepts.__main__ import compose_config
+
+    data = compose_config([f"experiment={family.key}/baseline", f"paths.root_dir={ROOT}", *family.overrides,
+                           *extra]).data
+    if "random_cue_split" in data:
+        return None if data.random_cue_split is None else str(data.random_cue_split)
+    split = getattr(hydra.utils.get_class(str(data._target_)), "random_cue_split", None)
+    return None if split is None else str(split)
+
+
+def row_from_metrics(metrics: Mapping[str, float], random_test: str | None) -> dict[str, Any]:
+    """Per rule: test, bias-conflicting, worst-group and random-cue test accuracy in % (on the
+    split ``random_test``: :func:`random_cue_split`), the selected epoch, and DFR's held-out size
+    where logged."""
     row: dict[str, Any] = {}
-    random_test = RANDOM_CUE_TEST.get(family)
     for rule in RULES:
         for key, _ in METRICS:
             name = f"{rule}/{random_test}/acc" if key == "acc_random" else f"{rule}/test/{key}"
@@ -292,18 +334,22 @@ NOT_FOR_ORACLE = ("data.conflicting_fraction=",)
 
 
 def _oracle_acc(family: Family, seed: int, runs: Path, extra: Sequence[str]) -> tuple[float | None, str]:
+    if family.oracle is None:
+        return None, NO_ORACLE
     extra = [o for o in extra if not o.lstrip("+").startswith(NOT_FOR_ORACLE)]
     try:
-        metrics = oracle(family.key, seed, runs, [*family.overrides, *extra], folder=family.folder)
+        metrics = oracle(family.key, seed, runs, [*family.oracle, *extra], folder=family.folder, unbiased=())
     except SystemExit as err:  # generality's runner stops with the log's path and the error
         return None, f"failed: {str(err).splitlines()[0][:240]}"
     return 100 * float(metrics["strict/test/acc"]), "ok"
 
 
 def run_cell(family: Family, method: str, seed: int, runs: Path, extra: Sequence[str], budget: Budget,
-             erm_status: str | None = None, heldout: int | None = None) -> dict[str, Any]:
+             erm_status: str | None = None, heldout: int | None = None,
+             random_test: str | None = None) -> dict[str, Any]:
     """One cell's JSONL row: read from its run directory if it is complete, else run (or record
-    why not). ``erm_status``: the ERM cell's status, for a concept method that fine-tunes it."""
+    why not). ``erm_status``: the ERM cell's status, for a concept method that fine-tunes it;
+    ``random_test``: the family's random-cue test split (:func:`random_cue_split`)."""
     out = cell_dir(runs, family, method, seed)
     row: dict[str, Any] = {"family": family.label, "method": method, "seed": seed, "run_dir": str(out),
                            "supervision": supervision(method), "status": "ok", "wall_s": None}
@@ -331,7 +377,7 @@ def run_cell(family: Family, method: str, seed: int, runs: Path, extra: Sequence
         (out / CELL_FILE).write_text(json.dumps({"wall_s": row["wall_s"], "cpu_s": row["cpu_s"], "command": row["command"]}))
     budget.record(family.label, method, row["wall_s"])
     try:
-        row.update(row_from_metrics(read_metrics(method, out), family.key))
+        row.update(row_from_metrics(read_metrics(method, out), random_test))
     except (OSError, ValueError, KeyError, IndexError) as err:
         row["status"] = f"failed: unreadable results ({err})"
     return row
@@ -366,6 +412,11 @@ def run_all(families: Sequence[Family], methods: Sequence[str], seeds: Sequence[
 
     for family in families:
         heldout: int | None = None
+        try:
+            random_test = random_cue_split(family, extra)
+        except Exception as err:  # a config that does not compose: its cells fail and say why
+            print(f"{family.label}: no random-cue split read ({err})", flush=True)
+            random_test = None
         for seed in seeds:
             erm_status: str | None = None
             orc: tuple[float | None, str] | None = None
@@ -384,13 +435,13 @@ def run_all(families: Sequence[Family], methods: Sequence[str], seeds: Sequence[
                               "status": f"failed: concept images of {family.key}/{DEFAULT_RECIPE} not counted ({err})"})
                         continue
                 row = run_cell(family, method, seed, runs, extra, budget, erm_status,
-                               heldout if method == MATCHED else None)
+                               heldout if method == MATCHED else None, random_test)
                 if method == "erm":
                     erm_status = row["status"]
                 if orc is None and erm_status == "ok":  # the oracle once per (family, seed); a trained one is read
                     trained = (runs / family.folder / f"oracle_seed{seed}" / "metrics.json").exists()
-                    orc = _oracle_acc(family, seed, runs, extra) if trained or budget.fits(family.label, "oracle") \
-                        else (None, budget.refusal)
+                    orc = _oracle_acc(family, seed, runs, extra) \
+                        if family.oracle is None or trained or budget.fits(family.label, "oracle") else (None, budget.refusal)
                 row["oracle_acc"], row["oracle_status"] = orc if orc else (None, "not run: ERM did not run")
                 emit(row)
     return rows
@@ -421,6 +472,12 @@ def gaps(cells: Mapping[tuple[str, str, int], Mapping[str, Any]], family: str, m
         if m is not None and b is not None and o is not None and o - b > MIN_GAP:
             out.append((m - b) / (o - b))
     return out
+
+
+def _no_gap(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The gap-closed cell where no seed gives a gap: why, when the family has no oracle; else n/a."""
+    statuses = {r.get("oracle_status") for r in _ok(rows)}
+    return NO_ORACLE if statuses == {NO_ORACLE} else "n/a"
 
 
 def _status_note(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -476,12 +533,14 @@ def table(rows: Sequence[Mapping[str, Any]], png: str | None = None) -> str:
         "validation splits pooled, `val_all/acc_worst_group`; on the MNIST families the conflicting groups are "
         "in `val_reversed`, which carries the test split's cue mapping). Random-cue test accuracy: a test split "
         "whose cue is drawn independently of the label (ColorMNIST `test_random_color`, MarkerMNIST "
-        "`test_random_glyph`; TextureMNIST's and the faces proxy's `test` are so already; DecoyMNIST has none): "
+        "`test_random_glyph`; TextureMNIST's and the faces proxy's `test` are so already; DecoyMNIST has none; "
+        "a folder dataset: its `data.random_cue_split`): "
         "a method that learned the reversed test's cue mapping instead of the digit scores well on the "
         "reversed test and not here. DFR's held-out set is `val_random` (the validation digits with a random "
         "cue) where the family has it, else `val` ∪ `val_reversed`. Gap closed: `(method − ERM) / "
-        f"(oracle − ERM)` per seed, oracle = `data.unbiased=true` baseline (strict), only where oracle − ERM > "
-        f"{MIN_GAP:g} points.",
+        f"(oracle − ERM)` per seed, oracle = `data.unbiased=true` baseline (strict; a folder family `folder:<root>`: "
+        "the baseline on `<root>_unbiased`, its data with the training cue independent of the label, and "
+        f"none without it), only where oracle − ERM > {MIN_GAP:g} points.",
         "",
     ]
     for rule in RULES:
@@ -497,7 +556,7 @@ def table(rows: Sequence[Mapping[str, Any]], png: str | None = None) -> str:
             texts = []
             for f in families:
                 g = gaps(cells, f, m, rule)
-                text = mean_std(g, scale=100, digits=0) + "%" if g else "n/a"
+                text = mean_std(g, scale=100, digits=0) + "%" if g else _no_gap(_by(cells, f, m))
                 text = text[1:] if text.startswith("-0 ") else text  # -0.3% rounds to 0, not "-0"
                 texts.append("reference" if m == "erm" else text)
             md.append(f"| {m} | {supervision(m)} | " + " | ".join(texts) + " |")

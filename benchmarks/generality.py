@@ -54,13 +54,15 @@ def _run(argv: list[str], log: Path) -> float:
     return time.time() - t0
 
 
-def oracle(family: str, seed: int, runs: Path, overrides: Sequence[str] = (), folder: str | None = None) -> dict[str, float]:
+def oracle(family: str, seed: int, runs: Path, overrides: Sequence[str] = (), folder: str | None = None,
+           unbiased: Sequence[str] = ("data.unbiased=true",)) -> dict[str, float]:
     """The oracle's metrics (trained once per family and seed, reused): ``train.py
     experiment=<family>/baseline data.unbiased=true`` in ``<runs>/<folder or family>/oracle_seed<N>``,
-    with extra Hydra ``overrides`` (e.g. a ``data.root``)."""
+    with extra Hydra ``overrides`` (e.g. a ``data.root``). ``unbiased``: the overrides that make
+    the data unbiased (``()`` where ``overrides`` do, e.g. a folder dataset's unbiased copy as ``data.root``)."""
     out = runs / (folder or family) / f"oracle_seed{seed}"
     if not (out / "metrics.json").exists():
-        _run(["train.py", f"experiment={family}/baseline", "data.unbiased=true", f"seed={seed}", *overrides,
+        _run(["train.py", f"experiment={family}/baseline", *unbiased, f"seed={seed}", *overrides,
               f"paths.output_dir={out}", f"hydra.run.dir={out}"], out / "run.log")
     return json.loads((out / "metrics.json").read_text())
 

@@ -180,6 +180,8 @@ class BFFHQDataModule(ChannelNormalization, SplitDataModule):
     num_channels: int = 3
     num_classes: int = 2
     num_bias_groups: int = 2
+    #: Not declared for the released data (see ``BiasedMNISTDataModule.random_cue_split``).
+    random_cue_split: str | None = None
 
     def __init__(
         self,

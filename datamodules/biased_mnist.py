@@ -120,6 +120,11 @@ class BiasedMNISTDataModule(ChannelNormalization, SplitDataModule):
     name: str = "biased_mnist"
     num_channels: ClassVar[int] = 3
     extra_test_names: ClassVar[tuple[str, ...]] = ()
+    #: The test split whose cue is drawn independently of the label (None: the family has none).
+    #: A reversed test pairs each class with one other cue, which a method fitted on
+    #: ``val_reversed`` can learn; a random cue cannot be learned (``benchmarks/compare.py``'s
+    #: random-cue column).
+    random_cue_split: ClassVar[str | None] = None
     num_classes: ClassVar[int] = 10
     image_size: ClassVar[int] = 28
     num_bias_groups: ClassVar[int] = 10

@@ -31,6 +31,7 @@ class ColorMNISTDataModule(BiasedMNISTDataModule):
 
     name: str = "color_mnist"
     num_channels: ClassVar[int] = 3
+    random_cue_split: ClassVar[str | None] = "test_random_color"
     extra_test_names: ClassVar[tuple[str, ...]] = (
         "test_random_color",
         "test_pixel_hard",

@@ -252,6 +252,7 @@ class FacesProxyDataModule(BFFHQDataModule):
     """
 
     name: str = "faces_proxy"
+    random_cue_split: str | None = "test"  # unbiased: gender drawn independently of age
 
     def __init__(
         self,

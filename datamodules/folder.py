@@ -30,6 +30,7 @@ from typing import Any
 
 import hydra.utils
 import torch
+from omegaconf import Container, OmegaConf
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
@@ -99,11 +100,16 @@ class FolderDataModule(ChannelNormalization, SplitDataModule):
             image, as objects or Hydra configs; None for none.
         check_images: At setup, open every image's header, so an unreadable file fails before
             training rather than mid-epoch.
+        random_cue_split: The test split (as served, e.g. ``test`` or ``test_ood``) whose cue is
+            drawn independently of the label, if any (``benchmarks/compare.py`` reports its
+            accuracy as the random-cue column); None: none.
         **loader: :class:`~datamodules.loaders.LoaderSettings` (``seed`` also seeds the
             statistics subset; ``max_train_samples`` takes a seeded subset).
     """
 
     name: str = "folder"
+    #: See :attr:`datamodules.biased_mnist.BiasedMNISTDataModule.random_cue_split`; set per dataset here.
+    random_cue_split: str | None = None
 
     def __init__(
         self,
@@ -120,10 +126,16 @@ class FolderDataModule(ChannelNormalization, SplitDataModule):
         stats_samples: int = 5000,
         augment: Sequence[Any] | None = None,
         check_images: bool = True,
+        random_cue_split: str | None = None,
         **loader: Any,
     ) -> None:
         super().__init__(**loader)
         self.save_hyperparameters(ignore=["augment"])
+        # Hydra passes mappings and lists as DictConfig/ListConfig; checkpoints store these
+        # hparams, and must hold plain ones to load with torch.load(weights_only=True).
+        for key, value in list(self.hparams.items()):
+            if isinstance(value, Container):
+                self.hparams[key] = OmegaConf.to_container(value, resolve=True)
         self._check_settings(columns, num_classes, image_size, channels)
         # A missing root fails when the data are first needed, so configs compose without one.
         self.root = Path(str(root)).expanduser() if root else None
@@ -137,6 +149,7 @@ class FolderDataModule(ChannelNormalization, SplitDataModule):
         self.stats_samples = int(stats_samples)
         self.transform = build_transform(augment)
         self.check_images = bool(check_images)
+        self.random_cue_split = None if random_cue_split in (None, "") else str(random_cue_split)
         self.val_names: list[str] = ["val", "val_reversed"]
         #: True when ``val_reversed`` is the conflicting part of ``val`` (no rows of its own in the
         #: metadata): a held-out set drawn from both then uses ``val`` alone.
@@ -265,6 +278,9 @@ class FolderDataModule(ChannelNormalization, SplitDataModule):
         splits["train"] = self._cap_train(splits["train"])
         self.val_names = [s for s in ("val", "val_reversed") if s in splits]
         self.test_names = ["test", *[s for s in splits if s not in KNOWN_SPLITS]]
+        if self.random_cue_split is not None and self.random_cue_split not in self.test_names:
+            raise unknown_name("data.random_cue_split", self.random_cue_split, self.test_names,
+                               "Name a test split whose cue is independent of the label, or set it to null.")
         self._mean, self._std = self._stats(splits["train"])
         self._datasets = {
             name: FolderDataset(rows_, self.image_size, self.num_channels, self._mean, self._std,

@@ -41,6 +41,7 @@ class MarkerMNISTDataModule(BiasedMNISTDataModule):
 
     name: str = "marker_mnist"
     num_channels: ClassVar[int] = 1
+    random_cue_split: ClassVar[str | None] = "test_random_glyph"
     extra_test_names: ClassVar[tuple[str, ...]] = ("test_random_glyph",)
 
     def __init__(

@@ -27,6 +27,7 @@ class TextureMNISTDataModule(BiasedMNISTDataModule):
 
     name: str = "texture_mnist"
     num_channels: ClassVar[int] = 3
+    random_cue_split: ClassVar[str | None] = "test"  # its test textures are drawn at random already
 
     def render(
         self, split: str, digits: Tensor, labels: Tensor, generator: torch.Generator

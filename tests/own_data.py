@@ -1,6 +1,7 @@
 """A tiny generated dataset in the layout of the README's "Use your own data": two classes (a
 square or a disc), a colour cue (red or green) that matches the class in most training images,
-and concept folders bias_0 (red blobs), bias_1 (green blobs) and random (random colours)."""
+and concept folders bias_0 (red blobs), bias_1 (green blobs) and random (random colours). The larger
+K-class version, with an unbiased twin: datamodules/shapes_folder.py (whose drawing this uses)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-COLOURS = ((220, 40, 40), (40, 200, 60))  # the cue of class 0 and of class 1
+from datamodules.shapes_folder import PALETTE, draw_shape
+
+COLOURS = PALETTE[:2]  # the cue of class 0 (red) and of class 1 (green)
 SPEC = """image_size: 32
 channels: 3
 sets:
@@ -21,12 +24,7 @@ sets:
 
 def _shape(label: int, colour: tuple[int, ...], rng: np.random.Generator, size: int = 24) -> Image.Image:
     """A filled square (label 0) or disc (label 1) of ``colour`` on a dark noisy background."""
-    img = rng.integers(0, 40, (size, size, 3)).astype(np.uint8)
-    yy, xx = np.mgrid[:size, :size]
-    c, r = rng.integers(9, 15, 2), int(rng.integers(5, 8))
-    mask = (np.abs(yy - c[0]) <= r) & (np.abs(xx - c[1]) <= r) if label == 0 else (yy - c[0]) ** 2 + (xx - c[1]) ** 2 <= r * r
-    img[mask] = colour
-    return Image.fromarray(img)
+    return draw_shape(label, colour, rng, size, centre=(9, 15), radius=(5, 8))
 
 
 def write_own_data(root: Path, n_train: int = 40, n_eval: int = 12, seed: int = 0) -> Path:

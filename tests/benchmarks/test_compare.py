@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,14 +77,66 @@ def test_report_shows_means_gaps_supervision_and_every_cell_that_did_not_run(tmp
     assert "val_reversed" in md and "test split's cue mapping" in md
 
 
-def test_random_cue_accuracy_is_read_from_each_familys_random_cue_test() -> None:
+def test_random_cue_accuracy_is_read_from_the_random_cue_split() -> None:
     cmp = _compare()
     metrics = {f"{r}/{split}/acc": v for r in ("strict", "worst")
                for split, v in (("test", 0.97), ("test_random_color", 0.24), ("test_random_glyph", 0.5))}
-    assert cmp.row_from_metrics(metrics, "color_mnist")["strict/acc_random"] == pytest.approx(24.0)
-    assert cmp.row_from_metrics(metrics, "marker_mnist")["worst/acc_random"] == pytest.approx(50.0)
-    assert cmp.row_from_metrics(metrics, "texture_mnist")["strict/acc_random"] == pytest.approx(97.0)  # test is random
-    assert cmp.row_from_metrics(metrics, "decoy_mnist")["strict/acc_random"] is None  # it has no such split
+    assert cmp.row_from_metrics(metrics, "test_random_color")["strict/acc_random"] == pytest.approx(24.0)
+    assert cmp.row_from_metrics(metrics, "test_random_glyph")["worst/acc_random"] == pytest.approx(50.0)
+    assert cmp.row_from_metrics(metrics, "test")["strict/acc_random"] == pytest.approx(97.0)  # test is random
+    assert cmp.row_from_metrics(metrics, None)["strict/acc_random"] is None  # no such split
+
+
+def _shapes(tmp_path: Path, twin: bool = True) -> Path:
+    from datamodules.shapes_folder import write_shapes_folder
+
+    small = {"n_train": 8, "n_val": 4, "n_val_reversed": 4, "n_test": 4, "concept_images": 5, "image_size": 16}
+    root = write_shapes_folder(tmp_path / "shapes", **small)  # type: ignore[arg-type]
+    if twin:
+        write_shapes_folder(tmp_path / "shapes_unbiased", unbiased=True, **small)  # type: ignore[arg-type]
+    return root
+
+
+def test_each_familys_random_cue_split_is_its_datamodules(tmp_path: Path) -> None:
+    cmp = _compare()
+    got = {f: cmp.random_cue_split(cmp.parse_family(f))
+           for f in ("color_mnist", "marker_mnist", "texture_mnist", "decoy_mnist", "faces")}
+    assert got == {"color_mnist": "test_random_color", "marker_mnist": "test_random_glyph", "texture_mnist": "test",
+                   "decoy_mnist": None, "faces": "test"}
+    root = _shapes(tmp_path, twin=False)
+    assert cmp.random_cue_split(cmp.parse_family(f"folder:{root}")) == "test"  # from the folder's data.yaml
+    (root / "data.yaml").write_text("num_classes: 4\n")
+    own = cmp.parse_family(f"folder:{root}")
+    assert cmp.random_cue_split(own) is None  # data=folder's default
+    assert cmp.random_cue_split(own, ["data.random_cue_split=test_ood"]) == "test_ood"
+
+
+def test_a_folder_familys_oracle_is_its_unbiased_twin_or_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cmp = _compare()
+    root = _shapes(tmp_path)
+    twin = f"data.root={tmp_path}/shapes_unbiased"
+    fam = cmp.parse_family(f"folder:{root}")
+    settings = ("data.num_classes=4", "data.image_size=16", "data.channels=3", "data.random_cue_split=test")
+    assert fam.overrides == (f"data.root={root}", *settings) and fam.oracle == (twin, *settings)
+    assert "data.num_classes=4" in cmp.cell_command(fam, "cd", 1, tmp_path, [])
+    calls: list[tuple[tuple[object, ...], dict[str, object]]] = []
+    monkeypatch.setattr(cmp, "oracle", lambda *a, **kw: calls.append((a, kw)) or {"strict/test/acc": 0.9})
+    assert cmp._oracle_acc(fam, 1, tmp_path, ["trainer.max_epochs=1"]) == (pytest.approx(90.0), "ok")
+    ((args, kw),) = calls
+    assert args[0] == "folder" and twin in args[3] and f"data.root={root}" not in args[3]  # type: ignore[operator]
+    assert "trainer.max_epochs=1" in args[3] and kw == {"folder": fam.folder, "unbiased": ()}  # type: ignore[operator]
+    assert cmp.parse_family("color_mnist").oracle == ("data.unbiased=true",)
+    # without the twin: no oracle, said plainly (even with no budget left), nothing trained
+    shutil.rmtree(tmp_path / "shapes_unbiased")
+    bare = cmp.parse_family(f"folder:{root}")
+    assert bare.oracle is None and cmp._oracle_acc(bare, 1, tmp_path, []) == (None, cmp.NO_ORACLE)
+    monkeypatch.setattr(cmp, "random_cue_split", lambda family, extra=(): "test")
+    monkeypatch.setattr(cmp, "run_cell", lambda family, method, seed, *a: _row(family.label, method, seed, 50.0))
+    rows = cmp.run_all([bare], ["erm", "group_dro"], [1], tmp_path / "runs", tmp_path / "rows.jsonl", [], cmp.Budget(0.0))
+    assert len(calls) == 1 and [r["oracle_status"] for r in rows] == [cmp.NO_ORACLE] * 2
+    md = cmp.table([*rows, _row("color_mnist", "erm", 1, 10.0), _row("color_mnist", "group_dro", 1, 60.0)])
+    gap = next(ln for ln in md.split("### gap closed to the oracle (strict)")[1].splitlines() if ln.startswith("| group_dro |"))
+    assert gap.split("|")[3].strip() == cmp.NO_ORACLE and gap.split("|")[4].strip() == "59 ± 0%"
 
 
 def test_a_method_with_no_seed_run_shows_its_status_not_a_number(tmp_path: Path) -> None:

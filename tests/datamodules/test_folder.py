@@ -176,3 +176,15 @@ def test_config_composes_and_trains_fast_dev_run(make_cfg: MakeCfg, folder: Path
     for key in ("test/acc", "test_ood/acc", "val_reversed/acc", "test/acc_worst_group", "test/acc_group_mean"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert np.isfinite(metrics["train/loss"])
+
+
+def test_folder_runs_can_log_and_checkpoint_their_data_hparams(make_cfg: MakeCfg, folder: Path, tmp_path: Path) -> None:
+    """What a run with a logger and checkpoints needs (debug=fdr has neither): the model's
+    num_bias_groups equals the data's (Lightning refuses to merge differing hparams), and the
+    datamodule's hparams are plain (a checkpoint stores them and loads with weights_only=True)."""
+    cfg = make_cfg("experiment=folder/baseline", f"data.root={folder}", "data.num_classes=3", "+data.columns.label=label")
+    assert cfg.model.num_bias_groups == cfg.data.num_bias_groups == cfg.model.num_classes == 3
+    dm = instantiate(cfg.data)
+    assert dm.hparams["num_bias_groups"] == 3 and type(dm.hparams["columns"]) is dict
+    torch.save({"datamodule_hyper_parameters": dict(dm.hparams)}, tmp_path / "hp.pt")
+    assert torch.load(tmp_path / "hp.pt", weights_only=True)["datamodule_hyper_parameters"]["columns"] == {"label": "label"}
