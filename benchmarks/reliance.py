@@ -17,6 +17,12 @@ bias concept the same way), at one layer per base model, chosen on the base mode
 - ``--layer-rule auto``: the layer ``model.layer=auto`` chose on it (the default recipe's
   ``layer_choice.json`` of the same family and seed).
 
+``benchmarks/compare.py``'s concept and erasure cells are pairs too (``--runs <compare runs>
+--names leace rlace``): their base model is the ERM cell, measured under ``<family>/cd``. An
+erasing run's model is measured with its erasers (they are in its checkpoint).
+``--subspace leace`` ablates the subspace a LEACE eraser of the bias edits instead of the bias
+CAVs' span (``measure.reliance.subspace=leace``), at the same layer.
+
 Each measurement is cached in ``<stage dir>/measure_<layer>/measure.json`` (in
 ``measure_<layer>_<experiment>`` when that folder was measured under another experiment).
 
@@ -36,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -67,12 +74,24 @@ RHO_ROWS = (
     ("tcav (for comparison)", "absolute", "tcav_drop", "tcav_rel_drop"),
 )
 RULES = ("reliance", "auto")
+SUBSPACES = ("cavs", "leace")
 
 
 def _overrides(run: Path) -> list[str]:
     """The run's experiment and model/data overrides (not the pipeline's or Hydra's own)."""
     lines = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
     return [o for o in lines if not o.startswith(("pipeline.", "hydra."))]
+
+
+def _measure_overrides(base: Path) -> list[str]:
+    """The experiment and overrides both models of a pair are measured under: those of the run
+    that trained the base model (a pipeline run, ``<run>/seed<k>/base``); for a ``train.py``
+    base (``compare.py``'s ERM cell, trained under ``<family>/baseline``, which has no concept
+    spec) the family's default recipe ``<family>/cd``, as the pipeline pairs are measured."""
+    if (base.parent.parent / ".hydra" / "overrides.yaml").is_file():
+        return _overrides(base.parent.parent)
+    own = [o for o in _overrides(base) if not o.startswith(("method=", "seed=", "paths.", "++protocols."))]
+    return [re.sub(r"^experiment=(.+)/baseline$", r"experiment=\1/cd", o) for o in own]
 
 
 def _strict_ckpt(stage_dir: Path) -> Path:
@@ -126,24 +145,26 @@ def _experiment(overrides: list[str]) -> str:
     return next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), "")
 
 
-def _cache_dir(stage_dir: Path, overrides: list[str], layer: str) -> Path:
-    """``measure_<layer>``, unless it holds a measure under another experiment (then
-    ``measure_<layer>_<experiment>``): the CAVs' row mode, and so the bias subspace, is the
-    experiment's."""
-    out = stage_dir / f"measure_{layer}"
+def _cache_dir(stage_dir: Path, overrides: list[str], layer: str, subspace: str = "cavs") -> Path:
+    """``measure_<layer>`` (``measure_<layer>_leace`` for the LEACE subspace), unless it holds a
+    measure under another experiment (then ``..._<experiment>``): the CAVs' row mode, and so the
+    bias subspace, is the experiment's."""
+    suffix = "" if subspace == "cavs" else f"_{subspace}"
+    out = stage_dir / f"measure_{layer}{suffix}"
     recorded = out / ".hydra" / "overrides.yaml"
     if recorded.exists() and _experiment(yaml.safe_load(recorded.read_text())) != _experiment(overrides):
-        return stage_dir / f"measure_{layer}_{_experiment(overrides).replace('/', '-')}"
+        return stage_dir / f"measure_{layer}{suffix}_{_experiment(overrides).replace('/', '-')}"
     return out
 
 
-def measure(stage_dir: Path, overrides: list[str], layer: str) -> dict[str, float]:
-    """cdistill-measure on the strict checkpoint of ``stage_dir`` at ``layer`` (cached)."""
-    out = _cache_dir(stage_dir, overrides, layer)
+def measure(stage_dir: Path, overrides: list[str], layer: str, subspace: str = "cavs") -> dict[str, float]:
+    """cdistill-measure on the strict checkpoint of ``stage_dir`` at ``layer`` (cached), ablating
+    the bias subspace ``subspace`` (``measure.reliance.subspace``)."""
+    out = _cache_dir(stage_dir, overrides, layer, subspace)
     if not (out / "measure.json").exists():
         _run(_measure_argv(stage_dir, overrides, out, [
             f"measure.measures={MEASURES}", "measure.splits=[test]", f"measure.reliance.layer={layer}",
-            f"measure.tcav.layer={layer}"]))
+            f"measure.tcav.layer={layer}", f"measure.reliance.subspace={subspace}"]))
     return dict(json.loads((out / "measure.json").read_text()))
 
 
@@ -152,18 +173,20 @@ def _tcav(m: dict[str, float]) -> float:
     return float(m.get("tcav", float("nan")))
 
 
-def pair(run: Path, rule: str = "reliance") -> dict[str, Any]:
-    """One pair's row: both models measured at the layer ``rule`` chooses on the base model."""
+def pair(run: Path, rule: str = "reliance", subspace: str = "cavs") -> dict[str, Any]:
+    """One pair's row: both models measured at the layer ``rule`` chooses on the base model,
+    ablating the bias subspace ``subspace`` there."""
     family, (name, seed_s) = run.parent.name, run.name.rsplit("_seed", 1)
     seed = int(seed_s)
     base = _base_dir(run, seed)
-    overrides = _overrides(base.parent.parent)  # the run that trained the base model
+    overrides = _measure_overrides(base)
     t0 = time.time()
     layer = reliance_layer(base, overrides)["layer"] if rule == "reliance" else _auto_layer(run, seed)
     scan_s = time.time() - t0
-    before = measure(base, overrides, layer)
-    after = measure(run / f"seed{seed}" / "cd", overrides, layer)
+    before = measure(base, overrides, layer, subspace)
+    after = measure(run / f"seed{seed}" / "cd", overrides, layer, subspace)
     row: dict[str, Any] = {"family": family, "name": name, "seed": seed, "layer": layer, "layer_rule": rule,
+                           "subspace": subspace,
                            "run_dir": str(run), "scan_s": round(scan_s, 1), "measure_s": round(time.time() - t0 - scan_s, 1),
                            "chance": before["reliance/chance"]}
     for tag, m in (("before", before), ("after", after)):
@@ -239,6 +262,9 @@ def main() -> None:
     ap.add_argument("--names", nargs="+", default=None, help="only these run names (cd, cd_best, leace, ...)")
     ap.add_argument("--layer-rule", choices=RULES, default="reliance",
                     help="where each base model is measured (see the module docstring)")
+    ap.add_argument("--subspace", choices=SUBSPACES, default="cavs",
+                    help="the bias subspace ablated (measure.reliance.subspace): the bias CAVs' span, or the "
+                         "subspace a LEACE eraser of the bias edits (fitted on validation inputs); same layer either way")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reliance_pairs.jsonl")
     ap.add_argument("--table", type=Path, default=None, help="print the table of a JSONL file and exit")
     args = ap.parse_args()
@@ -251,7 +277,7 @@ def main() -> None:
             and (args.names is None or r.name.rsplit("_seed", 1)[0] in args.names)]
     rows = []
     for run in runs:
-        row = pair(run, args.layer_rule)
+        row = pair(run, args.layer_rule, args.subspace)
         rows.append(row)
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")

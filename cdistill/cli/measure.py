@@ -54,6 +54,7 @@ from cdistill.cli.reliance_report import Reliance, reliance_report
 from cdistill.cli.tcav_report import plot_tcav, summary, tcav_table
 from cdistill.cli.train import instantiate
 from cdistill.concepts.layer_choice import LayerChoiceError, auto_layer, recorded_layer
+from cdistill.erasure.saved import attach_erasers, saved_erasers
 from cdistill.errors import CdistillError
 from cdistill.models.layers import is_auto, resolve_layer
 from cdistill.models.load import load_student, resolve_weights
@@ -295,7 +296,12 @@ def build_student(cfg: DictConfig, datamodule: SplitData) -> nn.Module:
     kw = OmegaConf.to_container(cfg.model.student, resolve=True)
     assert isinstance(kw, dict)
     student = {str(k): v for k, v in kw.items() if k not in ("init_path", "pretrained", "checkpoint_path")}
-    return create_student(**student, checkpoint_path=str(file))
+    # An erasing run's model is its student with the erasers it trained with (both travel with
+    # the weights: cdistill.erasure.saved); measuring the bare student would measure another model.
+    erasers = saved_erasers(file)
+    if erasers:
+        log.info("measure: applying the run's erasers at %s", ", ".join(erasers))
+    return attach_erasers(create_student(**student, checkpoint_path=str(file)), erasers)
 
 
 def write_measure_report(metrics: dict[str, float], out: Path, title: str) -> str:

@@ -83,6 +83,7 @@ from cdistill.cli.train import (
     train,
 )
 from cdistill.concepts.layer_choice import config_layer
+from cdistill.erasure.saved import attach_erasers, saved_erasers
 from cdistill.errors import CdistillError
 from cdistill.models.layers import is_auto, resolve_layer
 from cdistill.models.students import create_student
@@ -196,8 +197,8 @@ def bias_tcav(model: torch.nn.Module, cfg: DictConfig, datamodule: ImageData) ->
 
 def _student(ckpt: str, cfg: DictConfig) -> torch.nn.Module:
     student_kw = OmegaConf.to_container(cfg.model.student, resolve=True)
-    assert isinstance(student_kw, dict)
-    return create_student(**{**student_kw, "checkpoint_path": ckpt})
+    assert isinstance(student_kw, dict)  # with an erasing stage's erasers: they are part of its model
+    return attach_erasers(create_student(**{**student_kw, "checkpoint_path": ckpt}), saved_erasers(Path(ckpt)))
 
 
 def _tcav_of(ckpt: str, cfg: DictConfig, datamodule: ImageData) -> dict[str, float]:

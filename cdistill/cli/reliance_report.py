@@ -15,6 +15,10 @@ row mode); their span is the bias subspace. Then (:mod:`cdistill.causal.reliance
   (:func:`cdistill.causal.extract_causal_bases`, ``k`` of them) inside the bias subspace;
 - ``reliance/rank``: dimension of the bias subspace.
 
+The bias subspace is the span of those CAVs by default (``measure.reliance.subspace=cavs``); with
+``leace`` it is the subspace a LEACE eraser of the bias edits, fitted on labelled inputs
+(:mod:`cdistill.causal.bias_span`), and the ablation and the causal share use it instead.
+
 :func:`reliance_report` also returns what the plots (:mod:`cdistill.cli.reliance_plots`) need
 beyond these scalars: the agreement per concept value and the causal energy spectrum with each
 direction's share inside the bias subspace (:class:`RelianceDetail`).
@@ -39,11 +43,12 @@ from cdistill.causal import (
     extract_causal_bases,
     wilson_interval,
 )
+from cdistill.causal.bias_span import bias_leace_span
 from cdistill.concepts import load_spec, preprocess
 from cdistill.concepts.cav import fit_cav
 from cdistill.concepts.check import layer_rows
 from cdistill.concepts.layer_choice import MAX_IMAGES
-from cdistill.errors import CdistillError
+from cdistill.errors import CdistillError, unknown_name
 from cdistill.objective.cav_fitter import negative_rows
 from cdistill.objective.config import CAVConfig, ConceptsConfig, ConceptTerm
 from cdistill.utils.datamodule import ImageData
@@ -232,6 +237,41 @@ def pooled_agreement(parts: list[Agreement]) -> Agreement:
     return Agreement(successes / n, lo, hi, parts[0].chance, n, successes)
 
 
+#: ``measure.reliance.subspace`` values: the bias CAVs' span, or the bias's LEACE subspace.
+SUBSPACES = ("cavs", "leace")
+
+
+def fit_splits(datamodule: ImageData, settings: Mapping[str, Any]) -> list[str]:
+    """The splits the LEACE subspace is fitted on: ``fit_split`` (a name or a list), else the
+    datamodule's validation and held-out splits (never a test split by default)."""
+    names = settings.get("fit_split")
+    if names:
+        return [str(names)] if isinstance(names, str) else [str(n) for n in names]
+    return [*datamodule.val_names, *getattr(datamodule, "heldout_names", [])]
+
+
+def ablated_subspace(model: nn.Module, datamodule: ImageData, bias: BiasSubspace, layer: str, num_classes: int,
+                     settings: Mapping[str, Any]) -> Tensor:
+    """``[d, r]`` the subspace the reliance measure ablates (``settings["subspace"]``): the bias
+    CAVs (``cavs``, the default) or the bias's LEACE subspace (``leace``: fitted on the labelled
+    inputs of :func:`fit_splits`, group-balanced; :mod:`cdistill.causal.bias_span`), in the CAVs' space.
+
+    Raises:
+        CdistillError: An unknown ``subspace``, or a LEACE subspace that cannot be fitted.
+    """
+    kind = str(settings.get("subspace") or "cavs")
+    if kind not in SUBSPACES:
+        raise unknown_name("measure.reliance.subspace", kind, SUBSPACES, "Set measure.reliance.subspace to one of these.")
+    if kind == "cavs":
+        return bias.vectors
+    names = fit_splits(datamodule, settings)
+    data: ConcatDataset[Any] = ConcatDataset([datamodule.split(n) for n in names])
+    num_bias = int(getattr(datamodule, "num_bias_groups", None) or num_classes)
+    span, _ = bias_leace_span(model, layer, data, num_classes=num_classes, num_bias=num_bias, space=bias.space)
+    log.info("reliance: the bias's LEACE subspace at %s has rank %d (fitted on %s)", layer, span.shape[1], names)
+    return span
+
+
 def reliance_report(model: nn.Module, datamodule: ImageData, concepts: ConceptsConfig, layer: str, num_classes: int,
                     settings: Mapping[str, Any]) -> Reliance:
     """The ``reliance/*`` metrics of the module docstring and the detail the plots need.
@@ -244,11 +284,14 @@ def reliance_report(model: nn.Module, datamodule: ImageData, concepts: ConceptsC
         num_classes: Classes of the task.
         settings: ``measure.reliance``: ``split`` (a name or a list, concatenated), ``max_inputs``, ``mode``, ``k`` (``null``:
             rank + 2; 0: no causal share), ``causal_inputs``, ``max_iter``, ``seed``, and optionally
-            ``concept_images`` (per concept set; null: :data:`~cdistill.concepts.layer_choice.MAX_IMAGES`).
+            ``concept_images`` (per concept set; null: :data:`~cdistill.concepts.layer_choice.MAX_IMAGES`),
+            ``subspace`` (:func:`ablated_subspace`; the causal share is measured in the same subspace)
+            and ``fit_split`` (:func:`fit_splits`).
     """
     bias = bias_subspace(model, datamodule, concepts, layer, num_classes, settings.get("concept_images"))
+    vectors = ablated_subspace(model, datamodule, bias, layer, num_classes, settings)
     subset = measure_subset(datamodule, settings)
-    abl = concept_ablation(model, layer, bias.vectors, subset, space=bias.space, mode=str(settings["mode"]),
+    abl = concept_ablation(model, layer, vectors, subset, space=bias.space, mode=str(settings["mode"]),
                            control_seed=int(settings["seed"]))
     out = {
         "reliance/rank": float(abl.rank),
@@ -272,10 +315,10 @@ def reliance_report(model: nn.Module, datamodule: ImageData, concepts: ConceptsC
     if k > 0:
         n = min(int(settings["causal_inputs"]), len(subset))
         loader = DataLoader(Subset(subset, list(range(n))), batch_size=256, shuffle=False)
-        dim = bias.vectors.shape[0]
+        dim = vectors.shape[0]
         basis = extract_causal_bases(model, layer, loader, min(k, dim), mode=str(settings["mode"]), space=bias.space,
                                      max_iter=int(settings["max_iter"]), seed=int(settings["seed"]))[layer]
-        align = causal_alignment(basis.basis, bias.vectors, basis.energies)
+        align = causal_alignment(basis.basis, vectors, basis.energies)
         out["reliance/causal_share_in_bias"] = align.share
         detail = RelianceDetail(values, list(bias.classes), per_value, basis.energies.detach().double().cpu().tolist(),
                                 align.shares.tolist(), abl.rank / dim)

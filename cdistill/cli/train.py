@@ -34,8 +34,10 @@ from cdistill.cli.selection import (
     run_protocol_tests,
 )
 from cdistill.concepts.layer_choice import CHOICE_FILE, LayerChoice, config_layer
+from cdistill.erasure.saved import ERASERS_FILE, erasers_payload
 from cdistill.errors import CdistillError
 from cdistill.models.students import check_input_channels, check_input_size
+from cdistill.tasks.erasing import ErasureMixin
 from cdistill.utils.checkpoint_files import check_resume_checkpoint
 from cdistill.utils.checkpointing import LastCheckpoint
 from cdistill.utils.datamodule import ImageData
@@ -175,6 +177,11 @@ def _save_student(model: pl.LightningModule, output_dir: str) -> None:
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     student = getattr(model, "student", model)
     torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()}, Path(output_dir) / STUDENT_FILE)
+    # An erasing run's model is the student *with* its erasers: they go beside it, so that
+    # loading student.pt to measure it loads them too (cdistill.erasure.saved).
+    if isinstance(model, ErasureMixin) and model.erasure_specs and bool(model.artefacts_fitted):
+        erasers, modes = model._layer_erasers()
+        torch.save(erasers_payload(erasers, modes), Path(output_dir) / ERASERS_FILE)
 
 
 @rank_zero_only

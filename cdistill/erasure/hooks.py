@@ -152,6 +152,21 @@ def _check_dim(layer: str, mode: str, rows: Tensor, eraser: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------- applying
+def erasing_hook(layer: str, eraser: nn.Module, mode: str) -> Callable[..., Tensor]:
+    """The forward hook that replaces ``layer``'s output by its erased output (see :func:`erase`)."""
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> Tensor:
+        out = _tensor_output(layer, output)
+        if mode == "position" and isinstance(eraser, LowRankEraser) and out.ndim >= 3:
+            _check_dim(layer, mode, out.movedim(1, -1), eraser)
+            return eraser.erase_channels(out)  # in place of movedim: see erase_channels
+        rows, back = to_rows(out, mode, layer)
+        _check_dim(layer, mode, rows, eraser)
+        return back(eraser(rows))  # the eraser returns the activation's dtype
+
+    return hook
+
+
 @contextmanager
 def erase(
     model: nn.Module, erasers: Mapping[str, nn.Module], mode: str | Mapping[str, str] = "position"
@@ -176,24 +191,10 @@ def erase(
     # Resolve every layer before registering anything, so a bad name leaves no hooks.
     targets = [(layer, resolve_module(model, layer), eraser) for layer, eraser in erasers.items()]
     handles: list[RemovableHandle] = []
-
-    def make_hook(layer: str, eraser: nn.Module) -> Callable[..., Tensor]:
-        layer_mode = mode if isinstance(mode, str) else mode[layer]
-
-        def hook(module: nn.Module, inputs: Any, output: Any) -> Tensor:
-            out = _tensor_output(layer, output)
-            if layer_mode == "position" and isinstance(eraser, LowRankEraser) and out.ndim >= 3:
-                _check_dim(layer, layer_mode, out.movedim(1, -1), eraser)
-                return eraser.erase_channels(out)  # in place of movedim: see erase_channels
-            rows, back = to_rows(out, layer_mode, layer)
-            _check_dim(layer, layer_mode, rows, eraser)
-            return back(eraser(rows))  # the eraser returns the activation's dtype
-
-        return hook
-
     try:
         for layer, module, eraser in targets:
-            handles.append(module.register_forward_hook(make_hook(layer, eraser)))
+            layer_mode = mode if isinstance(mode, str) else mode[layer]
+            handles.append(module.register_forward_hook(erasing_hook(layer, eraser, layer_mode)))
         yield
     finally:
         for handle in handles:

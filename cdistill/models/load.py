@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from torch import Tensor, nn
 
+from cdistill.erasure.saved import attach_erasers, saved_erasers
 from cdistill.errors import CdistillError
 from cdistill.models.students import STUDENTS, create_student, load_weights
 from cdistill.utils.checkpoint_files import LIGHTNING_KEY, describe, load_torch_file
@@ -178,5 +179,6 @@ def _build(student: Mapping[str, Any], file: Path | None) -> LoadedStudent:
     model = create_student(**kw)
     if file is not None:
         load_weights(model, file, key="the model")
+        attach_erasers(model, saved_erasers(file))  # an erasing run's model includes its erasers
     model.eval()
     return LoadedStudent(model, dict(kw), file)

@@ -198,6 +198,11 @@ def test_fast_dev_run_of_leace_experiment(make_cfg: Callable[..., DictConfig]) -
     metrics = train(cfg)
     for key in ("test/bias_probe_acc", "test/bias_probe_acc_unerased", "test/bias_probe_chance", "test/acc"):
         assert key in metrics, key
+    # The model is the student with its erasers: they are saved beside student.pt.
+    from cdistill.erasure.saved import saved_erasers
+
+    erasers = saved_erasers(Path(cfg.paths.output_dir) / "student.pt")
+    assert list(erasers) == ["conv1"] and erasers["conv1"][1] == "position" and erasers["conv1"][0].rank > 0
 
 
 def _run(tmp: Path, name: str, extra: list[str]) -> dict[str, Tensor]:
