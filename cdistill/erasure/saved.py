@@ -83,9 +83,16 @@ def saved_erasers(file: Path, obj: Any | None = None) -> Erasers:
     if isinstance(obj, Mapping) and "state_dict" in obj:
         return _from_checkpoint(obj)
     beside = file.parent / ERASERS_FILE
-    if not beside.is_file():
-        return {}
-    return _from_payload(torch.load(beside, map_location="cpu", weights_only=True), beside)
+    if beside.is_file():
+        return _from_payload(torch.load(beside, map_location="cpu", weights_only=True), beside)
+    last = file.parent / "checkpoints" / "last.ckpt"  # a run written before erasers.pt existed
+    if last.is_file() and _from_checkpoint(torch.load(last, map_location="cpu", weights_only=True)):
+        raise CdistillError(
+            f"{file} is the student of an erasing run, but its erasers are not beside it ({ERASERS_FILE} is "
+            f"missing; the run predates it): the weights alone are another model. Give the run's checkpoint "
+            f"instead (e.g. {last}, or the one selection.json names)."
+        )
+    return {}
 
 
 def attach_erasers(model: nn.Module, erasers: Erasers) -> nn.Module:

@@ -77,3 +77,12 @@ def test_saved_erasers_errors(parts: Any, tmp_path: Path) -> None:
         saved_erasers(tmp_path / "student.pt")
     with pytest.raises(CdistillError, match="conv9"):
         attach_erasers(create_student("mnist_cnn"), {"conv9": (eraser, "position")})
+
+
+def test_student_pt_of_an_older_erasing_run_is_refused(parts: Any, tmp_path: Path) -> None:
+    student, eraser, _, _ = parts
+    torch.save(student.state_dict(), tmp_path / "student.pt")
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(_checkpoint(student, eraser), tmp_path / "checkpoints" / "last.ckpt")
+    with pytest.raises(CdistillError, match="erasers are not beside it"):
+        load_student(tmp_path / "student.pt", name="mnist_cnn")
