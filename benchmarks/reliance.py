@@ -135,7 +135,7 @@ def _run(argv: list[str]) -> None:
 
 def reliance_layer(base_stage: Path, overrides: list[str]) -> dict[str, Any]:
     """The reliance layer rule's scan of the base model (``measure.measures=[reliance_layer]``, cached)."""
-    out = base_stage / "reliance_layer"
+    out = base_stage / f"reliance_layer{_seed_tag(overrides)}"
     if not (out / "reliance_layer.json").exists():
         _run(_measure_argv(base_stage, overrides, out, ["measure.measures=[reliance_layer]"]))
     return dict(json.loads((out / "reliance_layer.json").read_text()))
@@ -145,11 +145,19 @@ def _experiment(overrides: list[str]) -> str:
     return next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), "")
 
 
+def _seed_tag(overrides: list[str]) -> str:
+    """``_seed<N>`` for the measures taken on the data of seed N (earlier caches, drawn with the
+    config's seed 0 whatever the run's, are not reused)."""
+    seed = next((o.split("=", 1)[1] for o in overrides if o.startswith("seed=")), None)
+    return "" if seed is None else f"_seed{seed}"
+
+
 def _cache_dir(stage_dir: Path, overrides: list[str], layer: str, subspace: str = "cavs") -> Path:
     """``measure_<layer>`` (``measure_<layer>_leace`` for the LEACE subspace), unless it holds a
     measure under another experiment (then ``..._<experiment>``): the CAVs' row mode, and so the
     bias subspace, is the experiment's."""
     suffix = "" if subspace == "cavs" else f"_{subspace}"
+    suffix += _seed_tag(overrides)
     out = stage_dir / f"measure_{layer}{suffix}"
     recorded = out / ".hydra" / "overrides.yaml"
     if recorded.exists() and _experiment(yaml.safe_load(recorded.read_text())) != _experiment(overrides):
@@ -179,7 +187,8 @@ def pair(run: Path, rule: str = "reliance", subspace: str = "cavs") -> dict[str,
     family, (name, seed_s) = run.parent.name, run.name.rsplit("_seed", 1)
     seed = int(seed_s)
     base = _base_dir(run, seed)
-    overrides = _measure_overrides(base)
+    # The run's own seed: the data (splits, cues) is drawn from it, and cdistill-measure refuses another.
+    overrides = [*_measure_overrides(base), f"seed={seed}"]
     t0 = time.time()
     layer = reliance_layer(base, overrides)["layer"] if rule == "reliance" else _auto_layer(run, seed)
     scan_s = time.time() - t0

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
@@ -322,11 +323,46 @@ def write_measure_report(metrics: dict[str, float], out: Path, title: str) -> st
     return text
 
 
+def recorded_data_seed(file: Path) -> int | None:
+    """The data seed the student in ``file`` was trained with, from its cdistill checkpoint's
+    config (a ``student.pt``: the ``checkpoints/last.ckpt`` beside it); None when unrecorded."""
+    ckpt = file if file.suffix == ".ckpt" else file.parent / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        return None
+    raw = ((torch.load(ckpt, map_location="cpu", weights_only=True) or {}).get("cdistill") or {}).get("config")
+    config = yaml.safe_load(raw) if isinstance(raw, str) else None
+    if not isinstance(config, dict):
+        return None
+    seed = (config.get("data") or {}).get("seed", config.get("seed"))
+    return int(seed) if isinstance(seed, int) else None
+
+
+def check_data_seed(cfg: DictConfig) -> None:
+    """Refuse to measure a student on data drawn with another seed than it was trained on: the
+    splits and cues are drawn from the seed, so another seed's test split holds other images,
+    some of them the student's training images (a silent leak, not an error, before).
+
+    Raises:
+        CdistillError: The recorded and the configured data seeds differ.
+    """
+    if not cfg.measure.get("ckpt") or cfg.data.get("seed") is None:
+        return
+    file = resolve_weights(str(cfg.measure.ckpt), "measure.ckpt")
+    trained = recorded_data_seed(file)
+    if trained is not None and trained != int(cfg.data.seed):
+        raise CdistillError(
+            f"measure.ckpt={str(file)!r} was trained on data drawn with seed {trained}, but this measure draws "
+            f"its data with seed {int(cfg.data.seed)}: the splits and cues come from the seed, so its test split "
+            f"would hold other images, some of them this student's training images. Pass seed={trained}."
+        )
+
+
 def run_measure(cfg: DictConfig) -> dict[str, float]:
     """Load the data and the student, run every measure of ``measure.measures``, write the report."""
     names = [str(n) for n in cfg.measure.measures]
     for name in names:
         MEASURES.get(name)  # an unknown name fails before anything loads
+    check_data_seed(cfg)
     datamodule = instantiate(cfg.data)
     datamodule.setup("test")
     student = build_student(cfg, datamodule)

@@ -108,3 +108,23 @@ def test_measure_errors_name_the_fix(make_cfg: MakeCfg, tmp_path: Path) -> None:
     cfg = make_cfg("experiment=color_mnist/cd", f"measure.ckpt={path}", "measure.student=mnist_cnn",
                    "measure.measures=[accuracy]", "measure.splits=[test]")
     assert "test/acc" in run_measure(cfg)
+
+
+def test_measure_refuses_data_drawn_with_another_seed(make_cfg: MakeCfg, tmp_path: Path) -> None:
+    """The splits and cues are drawn from the seed: a student trained with seed 3 measured on
+    seed-0 data would be tested on other digits, some of them its training digits."""
+    import yaml
+
+    from cdistill.cli.measure import recorded_data_seed
+
+    path = _weights(tmp_path)
+    (path.parent / "checkpoints").mkdir()
+    config = yaml.safe_dump({"seed": 3, "data": {"seed": 3}})
+    torch.save({"cdistill": {"config": config}}, path.parent / "checkpoints" / "last.ckpt")
+    assert recorded_data_seed(path) == 3 and recorded_data_seed(path.parent / "checkpoints" / "last.ckpt") == 3
+    args = ("experiment=color_mnist/cd", f"measure.ckpt={path}", "measure.measures=[accuracy]", "measure.splits=[test]")
+    with pytest.raises(CdistillError, match="Pass seed=3"):
+        run_measure(make_cfg(*args))
+    assert "test/acc" in run_measure(make_cfg(*args, "seed=3"))
+    (path.parent / "checkpoints" / "last.ckpt").unlink()  # nothing recorded: measured as configured
+    assert recorded_data_seed(path) is None and "test/acc" in run_measure(make_cfg(*args))
