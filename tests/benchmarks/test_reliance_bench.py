@@ -24,12 +24,13 @@ def _bench() -> ModuleType:
 
 
 def _stage(stage: Path, layer: str, conflicting: float, agreement: float, kl: float, share: float,
-           tcav: float) -> None:
-    """A training folder whose strict checkpoint was already measured (the cache the bench reads)."""
+           tcav: float, seed: int = 1) -> None:
+    """A training folder whose strict checkpoint was already measured on its seed's data (the
+    cache the bench reads)."""
     ckpt = stage / "checkpoints" / "epoch_001.ckpt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     (stage / "selection.json").write_text(json.dumps({"strict": {"file": str(ckpt)}}))
-    out = stage / f"measure_{layer}"
+    out = stage / f"measure_{layer}_seed{seed}"
     out.mkdir()
     (out / "measure.json").write_text(json.dumps({
         "test/acc": conflicting, "test/acc_conflicting": conflicting, "reliance/chance": 0.1,
@@ -49,8 +50,8 @@ def _run(root: Path, name: str, seed: int, before: tuple[float, ...], after: tup
     if base_of is None:
         (run / f"seed{seed}").mkdir()
         (run / f"seed{seed}" / "layer_choice.json").write_text(json.dumps({"layer": "pool1"}))
-        _stage(run / f"seed{seed}" / "base", "pool1", *before)
-    _stage(run / f"seed{seed}" / "cd", "pool1", *after)
+        _stage(run / f"seed{seed}" / "base", "pool1", *before, seed=seed)
+    _stage(run / f"seed{seed}" / "cd", "pool1", *after, seed=seed)
     return run
 
 
@@ -83,19 +84,21 @@ def test_reliance_rule_measures_both_models_at_the_layer_scanned_on_the_base_mod
     recipe = _run(tmp_path, "cd", 1, (0.02, 0.9, 3.0, 0.8, 1.0), (0.9, 0.12, 0.06, 0.1, 0.2))
     other = _run(tmp_path, "cd_best", 1, (), (0.5, 0.5, 2.0, 0.5, 1.0), base_of=recipe)
     base, after = recipe / "seed1" / "base", other / "seed1" / "cd"
-    (base / "reliance_layer").mkdir()
-    (base / "reliance_layer" / "reliance_layer.json").write_text(json.dumps({"layer": "layer2"}))
+    (base / "reliance_layer_seed1").mkdir()
+    (base / "reliance_layer_seed1" / "reliance_layer.json").write_text(json.dumps({"layer": "layer2"}))
     _stage(base, "layer2", 0.02, 0.9, 0.5, 0.3, 1.0)  # the cached measures at the scanned layer
     _stage(after, "layer2", 0.5, 0.5, 0.1, 0.1, 1.0)
     # A measure of the fine-tuned model under its own experiment is not reused for the pair:
-    (after / "measure_layer2" / ".hydra").mkdir()
-    (after / "measure_layer2" / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["experiment=fam/cd_best"]))
-    assert bench._cache_dir(after, ["experiment=fam/cd"], "layer2") == after / "measure_layer2_fam-cd"
-    assert bench._cache_dir(after, ["experiment=fam/cd_best"], "layer2") == after / "measure_layer2"
-    (after / "measure_layer2_fam-cd").mkdir()
-    (after / "measure_layer2_fam-cd" / "measure.json").write_text(
-        (after / "measure_layer2" / "measure.json").read_text().replace('"reliance/concept_agreement": 0.5',
-                                                                        '"reliance/concept_agreement": 0.45'))
+    (after / "measure_layer2_seed1" / ".hydra").mkdir()
+    (after / "measure_layer2_seed1" / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["experiment=fam/cd_best"]))
+    assert bench._cache_dir(after, ["experiment=fam/cd", "seed=1"], "layer2") == after / "measure_layer2_seed1_fam-cd"
+    assert bench._cache_dir(after, ["experiment=fam/cd_best", "seed=1"], "layer2") == after / "measure_layer2_seed1"
+    # A measure on another seed's data (or the config's default seed) is not reused either:
+    assert bench._cache_dir(after, ["experiment=fam/cd_best", "seed=2"], "layer2") == after / "measure_layer2_seed2"
+    (after / "measure_layer2_seed1_fam-cd").mkdir()
+    (after / "measure_layer2_seed1_fam-cd" / "measure.json").write_text(
+        (after / "measure_layer2_seed1" / "measure.json").read_text().replace('"reliance/concept_agreement": 0.5',
+                                                                              '"reliance/concept_agreement": 0.45'))
     row = bench.pair(other, "reliance")
     assert row["layer"] == "layer2" and row["layer_rule"] == "reliance"
     assert row["ablation_kl_before"] == pytest.approx(0.5) and row["ablation_kl_after"] == pytest.approx(0.1)
