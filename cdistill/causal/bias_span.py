@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cdistill.causal.ablation import check_space, default_space, to_rows, watch
 from cdistill.causal.common import all_reduce_sum, model_device
-from cdistill.causal.intervention import _unpack
+from cdistill.causal.intervention import unpack_batch
 from cdistill.causal.subspace import orthonormal_span
 from cdistill.errors import CdistillError
 from cdistill.utils.capture import eval_mode, resolve_module
@@ -170,7 +170,7 @@ def bias_leace_span(
     with eval_mode(model), watch(model, layer, reader):
         # One pass, so a one-shot iterator of batches is fine too.
         for batch in DataLoader(data, batch_size=batch_size, shuffle=False) if isinstance(data, Dataset) else data:
-            x, label, bias = _unpack(batch)
+            x, label, bias = unpack_batch(batch)
             if bias is None:
                 raise CdistillError("The bias subspace needs the bias of every input: batches without 'bias' were given.")
             if len(x):

@@ -74,7 +74,7 @@ class ConceptAblation:
     control: Mapping[str, AblationEffect]
 
 
-def _unpack(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+def unpack_batch(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(image, label, bias or None)`` of a mapping ``{"image", "label"[, "bias"]}`` or a tuple."""
     if isinstance(batch, Mapping):
         if "image" not in batch or "label" not in batch:
@@ -131,7 +131,7 @@ def _layer_mean(
     moments = RowMoments(layer, space)
     with watch(model, layer, moments):
         for batch in batches:
-            x, _, _ = _unpack(batch)
+            x, _, _ = unpack_batch(batch)
             if len(x):
                 model(x.to(device))
     if moments.sum is None or moments.rows == 0 or moments.space is None:
@@ -181,7 +181,7 @@ def _ablated_pass(
     with_bias = False
     with ablate(model, layer, ablation):
         for batch in batches:
-            x, label, bias = _unpack(batch)
+            x, label, bias = unpack_batch(batch)
             if len(x) == 0:
                 continue
             x, label = x.to(device), label.to(device).long()

@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
@@ -58,11 +57,12 @@ from cdistill.concepts.layer_choice import LayerChoiceError, auto_layer, recorde
 from cdistill.erasure.saved import attach_erasers, saved_erasers
 from cdistill.errors import CdistillError
 from cdistill.models.layers import is_auto, resolve_layer
-from cdistill.models.load import load_student, resolve_weights
+from cdistill.models.load import FIX, load_student, resolve_weights
 from cdistill.models.students import check_input_channels, check_input_size, create_student
 from cdistill.objective.config import ConceptsConfig
 from cdistill.tasks.metrics import BiasGroupAccuracy
 from cdistill.utils.capture import eval_mode
+from cdistill.utils.checkpoint_files import load_torch_file, recorded_config, run_checkpoint
 from cdistill.utils.datamodule import ImageData, SplitData
 from cdistill.utils.registry import Registry
 
@@ -326,12 +326,9 @@ def write_measure_report(metrics: dict[str, float], out: Path, title: str) -> st
 def recorded_data_seed(file: Path) -> int | None:
     """The data seed the student in ``file`` was trained with, from its cdistill checkpoint's
     config (a ``student.pt``: the ``checkpoints/last.ckpt`` beside it); None when unrecorded."""
-    ckpt = file if file.suffix == ".ckpt" else file.parent / "checkpoints" / "last.ckpt"
-    if not ckpt.is_file():
-        return None
-    raw = ((torch.load(ckpt, map_location="cpu", weights_only=True) or {}).get("cdistill") or {}).get("config")
-    config = yaml.safe_load(raw) if isinstance(raw, str) else None
-    if not isinstance(config, dict):
+    ckpt = run_checkpoint(file)
+    config = recorded_config(load_torch_file(ckpt, "measure.ckpt", FIX)) if ckpt is not None else None
+    if config is None:
         return None
     seed = (config.get("data") or {}).get("seed", config.get("seed"))
     return int(seed) if isinstance(seed, int) else None

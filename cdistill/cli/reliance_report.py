@@ -239,6 +239,8 @@ def pooled_agreement(parts: list[Agreement]) -> Agreement:
 
 #: ``measure.reliance.subspace`` values: the bias CAVs' span, or the bias's LEACE subspace.
 SUBSPACES = ("cavs", "leace")
+#: The default, as ``conf/measure/default.yaml`` sets it (a settings dict without the key gets it too).
+DEFAULT_SUBSPACE = SUBSPACES[0]
 
 
 def fit_splits(datamodule: ImageData, settings: Mapping[str, Any]) -> list[str]:
@@ -259,10 +261,10 @@ def ablated_subspace(model: nn.Module, datamodule: ImageData, bias: BiasSubspace
     Raises:
         CdistillError: An unknown ``subspace``, or a LEACE subspace that cannot be fitted.
     """
-    kind = str(settings.get("subspace") or "cavs")
+    kind = str(settings.get("subspace") or DEFAULT_SUBSPACE)
     if kind not in SUBSPACES:
         raise unknown_name("measure.reliance.subspace", kind, SUBSPACES, "Set measure.reliance.subspace to one of these.")
-    if kind == "cavs":
+    if kind == DEFAULT_SUBSPACE:
         return bias.vectors
     names = fit_splits(datamodule, settings)
     data: ConcatDataset[Any] = ConcatDataset([datamodule.split(n) for n in names])

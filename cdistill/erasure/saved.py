@@ -28,9 +28,11 @@ from cdistill.erasure.base import LowRankEraser
 from cdistill.erasure.hooks import eraser_key, erasing_hook, specs_from_config
 from cdistill.errors import CdistillError
 from cdistill.utils.capture import resolve_module
+from cdistill.utils.checkpoint_files import load_torch_file, run_checkpoint
 
 ERASERS_FILE = "erasers.pt"
 FORMAT = "cdistill-erasers/1"
+FIX = "Give the run's checkpoint (checkpoints/*.ckpt), or its student.pt with the erasers.pt train.py wrote beside it."
 #: Layer -> (eraser, mode).
 Erasers = dict[str, tuple[LowRankEraser, str]]
 
@@ -79,14 +81,14 @@ def saved_erasers(file: Path, obj: Any | None = None) -> Erasers:
         obj: ``file``'s loaded content when the caller has it (a checkpoint dict).
     """
     if obj is None and file.suffix == ".ckpt":
-        obj = torch.load(file, map_location="cpu", weights_only=True)
+        obj = load_torch_file(file, "the model", FIX)
     if isinstance(obj, Mapping) and "state_dict" in obj:
         return _from_checkpoint(obj)
     beside = file.parent / ERASERS_FILE
     if beside.is_file():
-        return _from_payload(torch.load(beside, map_location="cpu", weights_only=True), beside)
-    last = file.parent / "checkpoints" / "last.ckpt"  # a run written before erasers.pt existed
-    if last.is_file() and _from_checkpoint(torch.load(last, map_location="cpu", weights_only=True)):
+        return _from_payload(load_torch_file(beside, str(ERASERS_FILE), FIX), beside)
+    last = run_checkpoint(file)  # a run written before erasers.pt existed
+    if last is not None and _from_checkpoint(load_torch_file(last, "the model", FIX)):
         raise CdistillError(
             f"{file} is the student of an erasing run, but its erasers are not beside it ({ERASERS_FILE} is "
             f"missing; the run predates it): the weights alone are another model. Give the run's checkpoint "

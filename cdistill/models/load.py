@@ -12,16 +12,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from torch import Tensor, nn
 
 from cdistill.erasure.saved import attach_erasers, saved_erasers
 from cdistill.errors import CdistillError
 from cdistill.models.students import STUDENTS, create_student, load_weights
-from cdistill.utils.checkpoint_files import LIGHTNING_KEY, describe, load_torch_file
+from cdistill.utils.checkpoint_files import (
+    LAST_CHECKPOINT,
+    LIGHTNING_KEY,
+    describe,
+    load_torch_file,
+    recorded_config,
+    run_checkpoint,
+)
 
 #: What a run directory holds, in the order it is looked for.
-RUN_FILES = ("student.pt", "checkpoints/last.ckpt")
+RUN_FILES = ("student.pt", LAST_CHECKPOINT.as_posix())
 FIX = "Give a cdistill checkpoint (*.ckpt), a run's student.pt, a run directory, or a student name with a weights file."
 
 
@@ -125,10 +131,8 @@ def load_student(
         student = dict((obj.get("hyper_parameters") or {}).get("student") or {})
         if not student.get("name"):
             raise CdistillError(f"{str(file)!r} is {describe(obj)} without a student config; give --student NAME. {FIX}")
-        raw = (obj.get("cdistill") or {}).get("config")
-        config = yaml.safe_load(raw) if isinstance(raw, str) else None
-        loaded = _build(student, file)
-        loaded.config = config
+        loaded = _build(student, file, obj)
+        loaded.config = recorded_config(obj)
         state = obj["state_dict"]
         if "input_mean" in state and "input_std" in state:
             loaded.input_mean, loaded.input_std = state["input_mean"].float(), state["input_std"].float()
@@ -138,8 +142,8 @@ def load_student(
     if name is None and architecture is not None:
         return _build(architecture, file)
     if name is None:
-        beside = file.parent / "checkpoints" / "last.ckpt"
-        if beside.is_file():
+        beside = run_checkpoint(file)
+        if beside is not None:
             found = load_torch_file(beside, "the model", FIX)
             if _lightning(found) and (found.get("hyper_parameters") or {}).get("student"):
                 student = dict(found["hyper_parameters"]["student"])
@@ -173,12 +177,13 @@ def _from_name(name: str, weights: str | Path | None, image_size: int | None, nu
     return loaded
 
 
-def _build(student: Mapping[str, Any], file: Path | None) -> LoadedStudent:
-    """``create_student`` from ``student`` (no hub download, no init file), then ``file``'s weights."""
+def _build(student: Mapping[str, Any], file: Path | None, obj: Any | None = None) -> LoadedStudent:
+    """``create_student`` from ``student`` (no hub download, no init file), then ``file``'s
+    weights and erasers (``obj``: ``file``'s loaded content when the caller has it)."""
     kw = {k: v for k, v in student.items() if k not in ("checkpoint_path", "init_path", "pretrained")}
     model = create_student(**kw)
     if file is not None:
         load_weights(model, file, key="the model")
-        attach_erasers(model, saved_erasers(file))  # an erasing run's model includes its erasers
+        attach_erasers(model, saved_erasers(file, obj))  # an erasing run's model includes its erasers
     model.eval()
     return LoadedStudent(model, dict(kw), file)

@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from cdistill.errors import CdistillError
 
 #: Key every Lightning checkpoint has.
 LIGHTNING_KEY = "pytorch-lightning_version"
+#: A run's latest Lightning checkpoint, relative to its output directory.
+LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 #: Pickle protocol 2+ streams start with this byte (torch.save's legacy, non-zip format).
 _PICKLE_MAGIC = b"\x80"
 
@@ -69,6 +72,24 @@ def load_torch_file(path: str | Path, key: str, fix: str) -> Any:
         ) from err
     except (RuntimeError, EOFError, OSError) as err:
         raise CdistillError(f"{name} is damaged or truncated ({err}). {fix}") from err
+
+
+def run_checkpoint(file: str | Path) -> Path | None:
+    """The cdistill checkpoint that describes the weights in ``file``: ``file`` itself when it is
+    a ``.ckpt``, else (a run's ``student.pt``) the run's :data:`LAST_CHECKPOINT` beside it; None
+    when there is none. One rule for every reader that needs what a plain state dict lacks (the
+    architecture, the run config, the erasers)."""
+    path = Path(file)
+    ckpt = path if path.suffix == ".ckpt" else path.parent / LAST_CHECKPOINT
+    return ckpt if ckpt.is_file() else None
+
+
+def recorded_config(obj: Any) -> dict[str, Any] | None:
+    """The resolved run config a loaded cdistill checkpoint stores (``obj["cdistill"]["config"]``,
+    YAML text); None for a file that stores none."""
+    raw = ((obj.get("cdistill") or {}) if isinstance(obj, Mapping) else {}).get("config")
+    config = yaml.safe_load(raw) if isinstance(raw, str) else None
+    return config if isinstance(config, dict) else None
 
 
 def describe(obj: Any) -> str:
