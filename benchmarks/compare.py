@@ -365,6 +365,11 @@ def run_cell(family: Family, method: str, seed: int, runs: Path, extra: Sequence
     elif method in CONCEPT_METHODS and erm_status != "ok":
         row["status"] = f"not run: its ERM base model is missing (erm: {erm_status})"
         return row
+    elif budget.read_only and (out / "compare.log").is_file():
+        # launch() writes the log when the run ends; no results beside it: the run failed (an
+        # interrupted one leaves no log). Say why, as the live run did, not "not finished yet".
+        row["status"] = f"failed: {_reason((out / 'compare.log').read_text())} (log: {out / 'compare.log'})"
+        return row
     elif not budget.fits(family.label, method):
         row["status"] = budget.refusal
         return row

@@ -188,6 +188,19 @@ def test_a_failed_cell_keeps_the_error_line_not_hydras_hint() -> None:
         "Could not override 'k'. / Key 'k' is not in struct"
 
 
+def test_read_only_reports_a_failed_cell_as_failed_with_its_reason(tmp_path: Path) -> None:
+    cmp = _compare()
+    fam = cmp.parse_family("color_mnist")
+    failed = cmp.cell_dir(tmp_path, fam, "rrclarc", 1)
+    failed.mkdir(parents=True)
+    (failed / "compare.log").write_text("fitting\nError: Every CAV fell below the accuracy gate\n(HYDRA_FULL_ERROR=1 for the full trace)\n")
+    budget = cmp.Budget(None, read_only=True)
+    row = cmp.run_cell(fam, "rrclarc", 1, tmp_path, [], budget, erm_status="ok")
+    assert row["status"].startswith("failed: Error: Every CAV fell below the accuracy gate (log: ")
+    pending = cmp.run_cell(fam, "rrclarc", 2, tmp_path, [], budget, erm_status="ok")  # no log: never ended
+    assert pending["status"] == "not run: not finished yet (--read-only)"
+
+
 def test_val_all_worst_group_pools_the_validation_splits() -> None:
     """ColorMNIST's val holds only aligned groups and val_reversed only conflicting ones: the
     pooled worst group is the lower of the two; test splits are not pooled."""
