@@ -264,7 +264,7 @@ def ablated_subspace(model: nn.Module, datamodule: ImageData, bias: BiasSubspace
     kind = str(settings.get("subspace") or DEFAULT_SUBSPACE)
     if kind not in SUBSPACES:
         raise unknown_name("measure.reliance.subspace", kind, SUBSPACES, "Set measure.reliance.subspace to one of these.")
-    if kind == DEFAULT_SUBSPACE:
+    if kind == "cavs":  # the CAVs are already fitted: their span is the subspace
         return bias.vectors
     names = fit_splits(datamodule, settings)
     data: ConcatDataset[Any] = ConcatDataset([datamodule.split(n) for n in names])
