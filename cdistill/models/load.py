@@ -23,7 +23,6 @@ from cdistill.utils.checkpoint_files import (
     describe,
     load_torch_file,
     recorded_config,
-    run_checkpoint,
 )
 
 #: What a run directory holds, in the order it is looked for.
@@ -142,8 +141,8 @@ def load_student(
     if name is None and architecture is not None:
         return _build(architecture, file)
     if name is None:
-        beside = run_checkpoint(file)
-        if beside is not None:
+        beside = file.parent / LAST_CHECKPOINT  # not run_checkpoint: file is a plain state dict, even if named *.ckpt
+        if beside.is_file():
             found = load_torch_file(beside, "the model", FIX)
             if _lightning(found) and (found.get("hyper_parameters") or {}).get("student"):
                 student = dict(found["hyper_parameters"]["student"])
